@@ -1,0 +1,123 @@
+// Package kubetest starts real local clusters for integration tests.
+//
+// Integration tests call Start (one test) or StartShared (from TestMain, so that the
+// tests of a package share clusters). Both skip under `go test -short`, which the unit-test
+// run uses; every other run, CI included, builds the binaries if they are missing and runs
+// the clusters for real.
+package kubetest
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/isthmus-mesh/isthmus/internal/kubebin"
+	"github.com/isthmus-mesh/isthmus/internal/kubelocal"
+)
+
+var (
+	binOnce sync.Once
+	binSet  *kubebin.Set
+	binErr  error
+)
+
+// Binaries returns the cluster binaries, building them on first use (progress goes to
+// stderr). It honours KUBEBUILDER_ASSETS and ISTHMUS_K8S_CACHE.
+func Binaries() (*kubebin.Set, error) {
+	binOnce.Do(func() {
+		o := kubebin.OptionsFromEnv()
+		o.Progress = os.Stderr
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
+		defer cancel()
+		binSet, binErr = kubebin.Ensure(ctx, o)
+	})
+	return binSet, binErr
+}
+
+// Configs returns n cluster configurations named <prefix>-1..n under dir, each with its
+// own service and pod CIDR and zone.
+func Configs(set *kubebin.Set, dir, prefix string, n int) []kubelocal.Config {
+	cfgs := make([]kubelocal.Config, n)
+	for i := range cfgs {
+		name := prefix + "-" + strconv.Itoa(i+1)
+		cfgs[i] = kubelocal.Config{
+			Name:     name,
+			Dir:      filepath.Join(dir, name),
+			Binaries: set,
+			Region:   "region-" + strconv.Itoa(i+1),
+			Zone:     "zone-" + strconv.Itoa(i+1) + "a",
+		}
+		cfgs[i].PodCIDR = mustPrefix(fmt.Sprintf("10.%d.0.0/16", 10+i))
+	}
+	return cfgs
+}
+
+// Start starts n clusters for t and stops them when t ends. It skips under -short.
+func Start(t testing.TB, n int) []*kubelocal.Cluster {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("integration test: starts real Kubernetes clusters; runs without -short")
+	}
+	set, err := Binaries()
+	if err != nil {
+		t.Fatal(err)
+	}
+	clusters, err := kubelocal.StartMany(context.Background(), Configs(set, t.TempDir(), "c", n))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		for _, c := range clusters {
+			c.Stop()
+		}
+	})
+	return clusters
+}
+
+// StartShared starts n clusters for a whole test binary, from TestMain. It returns
+// (nil, nil-op, nil) under -short, so the caller's tests skip themselves; the returned stop
+// function stops the clusters and removes their directory.
+func StartShared(n int, prefix string) ([]*kubelocal.Cluster, func(), error) {
+	if !flag.Parsed() {
+		flag.Parse()
+	}
+	if testing.Short() {
+		return nil, func() {}, nil
+	}
+	set, err := Binaries()
+	if err != nil {
+		return nil, func() {}, err
+	}
+	dir, err := os.MkdirTemp("", "isthmus-"+prefix+"-")
+	if err != nil {
+		return nil, func() {}, err
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	cfgs := Configs(set, dir, prefix, n)
+	for i := range cfgs {
+		cfgs[i].Log = log
+	}
+	clusters, err := kubelocal.StartMany(context.Background(), cfgs)
+	if err != nil {
+		os.RemoveAll(dir)
+		return nil, func() {}, err
+	}
+	return clusters, func() {
+		for _, c := range clusters {
+			c.Stop()
+		}
+		os.RemoveAll(dir)
+	}, nil
+}
+
+func mustPrefix(s string) netip.Prefix {
+	return netip.MustParsePrefix(s)
+}

@@ -1,0 +1,169 @@
+package kubelocal
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// process is one child process (etcd, kube-apiserver, ...) with its output in a log file.
+//
+// Every child runs in its own process group, so that stopping it also stops anything it
+// forked. Attached children also get a parent-death signal (SIGKILL), so that a test binary
+// that panics or is killed takes its clusters with it; detached children (clusters that
+// outlive `isthmus cluster up`) start a new session instead and are stopped through their
+// recorded process IDs.
+type process struct {
+	name    string
+	cmd     *exec.Cmd
+	logPath string
+	done    chan struct{} // closed when the process has exited
+	err     error         // exit status; valid after done is closed
+}
+
+func startProcess(name, bin string, args []string, logPath string, detached bool, extraEnv []string) (*process, error) {
+	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("%s: open log: %w", name, err)
+	}
+	defer logf.Close() // the child has its own copy of the descriptor
+	cmd := exec.Command(bin, args...)
+	cmd.Stdout = logf
+	cmd.Stderr = logf
+	cmd.Env = append(os.Environ(), extraEnv...)
+	if detached {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	} else {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("%s: start %s: %w", name, bin, err)
+	}
+	p := &process{name: name, cmd: cmd, logPath: logPath, done: make(chan struct{})}
+	go func() {
+		p.err = cmd.Wait()
+		close(p.done)
+	}()
+	return p, nil
+}
+
+// pid returns the process ID (also its process group ID).
+func (p *process) pid() int { return p.cmd.Process.Pid }
+
+// exited reports whether the process has ended.
+func (p *process) exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// exitError describes how the process ended, with the tail of its log, for reports of a
+// crashed component.
+func (p *process) exitError() error {
+	status := "exited"
+	if p.err != nil {
+		status = p.err.Error()
+	}
+	return fmt.Errorf("%s %s; last lines of %s:\n%s", p.name, status, p.logPath, indent(logTail(p.logPath, 15)))
+}
+
+// stop sends SIGTERM to the process group, waits up to grace, then SIGKILLs the group. It
+// returns once the process has exited.
+func (p *process) stop(grace time.Duration) {
+	if p.exited() {
+		killGroup(p.pid(), syscall.SIGKILL) // leftovers in the group, if any
+		return
+	}
+	killGroup(p.pid(), syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(grace):
+		killGroup(p.pid(), syscall.SIGKILL)
+		<-p.done
+	}
+	killGroup(p.pid(), syscall.SIGKILL)
+}
+
+// killGroup signals the process group pgid; a group that no longer exists is fine.
+func killGroup(pgid int, sig syscall.Signal) {
+	if pgid <= 1 {
+		return
+	}
+	if err := syscall.Kill(-pgid, sig); err != nil && !errors.Is(err, syscall.ESRCH) {
+		_ = syscall.Kill(pgid, sig)
+	}
+}
+
+// stopPID stops a process this program did not start (a detached cluster's component
+// recorded in its state file): SIGTERM to its group, then SIGKILL after grace. It only acts
+// when the process's command line still mentions marker, so a recycled PID is never hit.
+func stopPID(pid int, marker string, grace time.Duration) {
+	if !pidMatches(pid, marker) {
+		return
+	}
+	killGroup(pid, syscall.SIGTERM)
+	deadline := time.Now().Add(grace)
+	for time.Now().Before(deadline) {
+		if !pidMatches(pid, marker) {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	killGroup(pid, syscall.SIGKILL)
+	for i := 0; i < 100 && pidMatches(pid, marker); i++ {
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// pidMatches reports whether pid is alive (not a zombie) and its command line contains
+// marker.
+func pidMatches(pid int, marker string) bool {
+	if pid <= 1 {
+		return false
+	}
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	// The state field follows the parenthesised command name.
+	if i := bytes.LastIndexByte(stat, ')'); i >= 0 && i+2 < len(stat) && stat[i+2] == 'Z' {
+		return false
+	}
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil {
+		return false
+	}
+	return bytes.Contains(cmdline, []byte(marker))
+}
+
+// logTail returns the last n lines of the file at path.
+func logTail(path string, n int) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return "(no log: " + err.Error() + ")"
+	}
+	defer f.Close()
+	const max = 64 * 1024
+	if st, err := f.Stat(); err == nil && st.Size() > max {
+		f.Seek(st.Size()-max, io.SeekStart)
+	}
+	data, _ := io.ReadAll(f)
+	lines := strings.Split(strings.TrimRight(string(data), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+func indent(s string) string {
+	return "    " + strings.ReplaceAll(s, "\n", "\n    ")
+}

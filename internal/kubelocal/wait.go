@@ -1,0 +1,71 @@
+package kubelocal
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"time"
+)
+
+// backoffStop wraps an error that ends a poll at once instead of being retried.
+type backoffStop struct{ err error }
+
+func (b backoffStop) Error() string { return b.err.Error() }
+func (b backoffStop) Unwrap() error { return b.err }
+
+// poll calls check every interval until it returns nil, returns a backoffStop, or ctx
+// ends; the error then carries the last reason check gave.
+func poll(ctx context.Context, interval time.Duration, check func(context.Context) error) error {
+	var last error
+	for {
+		err := check(ctx)
+		if err == nil {
+			return nil
+		}
+		var stop backoffStop
+		if errors.As(err, &stop) {
+			return stop.err
+		}
+		last = err
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w; last check: %v", ctx.Err(), last)
+		case <-time.After(interval):
+		}
+	}
+}
+
+// waitReady polls check until it succeeds, failing early with the log tail when p exits.
+func waitReady(ctx context.Context, p *process, check func(context.Context) error) error {
+	return poll(ctx, 50*time.Millisecond, func(ctx context.Context) error {
+		if p.exited() {
+			return backoffStop{p.exitError()}
+		}
+		if err := check(ctx); err != nil {
+			return fmt.Errorf("%s not ready: %w", p.name, err)
+		}
+		return nil
+	})
+}
+
+// httpGetOK returns nil when GET url answers 200.
+func httpGetOK(ctx context.Context, client *http.Client, url string) error {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("GET %s: %s: %s", url, resp.Status, body)
+	}
+	return nil
+}

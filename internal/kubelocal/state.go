@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 	"time"
 )
 
@@ -103,8 +104,8 @@ func ListStates(root string) ([]*State, error) {
 	var states []*State
 	var errs []error
 	for _, e := range entries {
-		if !e.IsDir() {
-			continue
+		if !e.IsDir() || strings.HasPrefix(e.Name(), ".") {
+			continue // dot directories keep the logs of failed starts
 		}
 		s, err := LoadState(filepath.Join(root, e.Name()))
 		if err != nil {

@@ -1,0 +1,67 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/cobra"
+)
+
+// version is set at link time (-X main.version=...); "dev" for source builds.
+var version = "dev"
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	root := newRootCommand()
+	if err := root.ExecuteContext(ctx); err != nil {
+		fmt.Fprintln(os.Stderr, "error:", err)
+		var ee exitError
+		if errors.As(err, &ee) {
+			os.Exit(ee.code)
+		}
+		os.Exit(1)
+	}
+}
+
+// exitError carries a specific exit code out of a command.
+type exitError struct {
+	code int
+	err  error
+}
+
+func (e exitError) Error() string { return e.err.Error() }
+func (e exitError) Unwrap() error { return e.err }
+
+func newRootCommand() *cobra.Command {
+	root := &cobra.Command{
+		Use:   "isthmus",
+		Short: "Isthmus joins Kubernetes clusters, networks and meshes into one service mesh",
+		Long: `Isthmus joins Kubernetes clusters, networks and whole meshes into one service mesh.
+
+Start here:
+  isthmus cluster up --clusters 2   run two real Kubernetes clusters on this machine
+  isthmus cluster list              see their API servers and kubeconfigs
+  isthmus cluster down              stop them`,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.AddCommand(newClusterCommand(), newVersionCommand())
+	return root
+}
+
+func newVersionCommand() *cobra.Command {
+	return &cobra.Command{
+		Use:   "version",
+		Short: "Print the isthmus version and the Kubernetes version its local clusters run",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			fmt.Fprintf(cmd.OutOrStdout(), "isthmus %s (local clusters: Kubernetes %s, etcd %s)\n", version, kubeVersion(), etcdVersion())
+			return nil
+		},
+	}
+}

@@ -146,7 +146,9 @@ type Cluster struct {
 func (c *Cluster) RESTConfig() *rest.Config { return rest.CopyConfig(c.rest) }
 
 // Client returns a new admin clientset.
-func (c *Cluster) Client() (kubernetes.Interface, error) { return kubernetes.NewForConfig(c.RESTConfig()) }
+func (c *Cluster) Client() (kubernetes.Interface, error) {
+	return kubernetes.NewForConfig(c.RESTConfig())
+}
 
 // Err returns a description of the first component that has exited, with the tail of its
 // log, or nil while all are running.

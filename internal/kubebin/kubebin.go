@@ -74,10 +74,10 @@ func OptionsFromEnv() Options {
 
 // Set holds the absolute path of each binary.
 type Set struct {
-	Etcd              string
-	APIServer         string
-	ControllerManager string
-	Kubectl           string
+	Etcd              string `json:"etcd"`
+	APIServer         string `json:"kubeAPIServer"`
+	ControllerManager string `json:"kubeControllerManager"`
+	Kubectl           string `json:"kubectl"`
 }
 
 // Path returns the path of the named binary, or "" for an unknown name.
@@ -130,7 +130,7 @@ func Lookup(o Options) (*Set, error) {
 	}
 	if len(missing) > 0 {
 		bin, _ := o.BinDir()
-		return nil, fmt.Errorf("kubebin: %s not found in %s%s; build them with `make k8s-binaries` "+
+		return nil, fmt.Errorf("kubebin: %s not found in %s%s; build them with `isthmus cluster binaries` "+
 			"(or any isthmus command that starts clusters), or set KUBEBUILDER_ASSETS to a directory that has them",
 			strings.Join(missing, ", "), bin, assetsNote(o))
 	}

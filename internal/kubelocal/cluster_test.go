@@ -2,6 +2,7 @@ package kubelocal_test
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"net"
 	"net/netip"
@@ -33,6 +34,10 @@ var shared []*kubelocal.Cluster
 func TestMain(m *testing.M) {
 	if mode := os.Getenv(childEnv); mode != "" {
 		orphanChild(mode) // never returns
+	}
+	flag.Parse()
+	if f := flag.Lookup("test.run"); f != nil && f.Value.String() == "^$" {
+		os.Exit(m.Run()) // benchmarks only: no shared clusters loading the machine
 	}
 	clusters, stop, err := kubetest.StartShared(3, "kl")
 	if err != nil {

@@ -1,0 +1,44 @@
+# The README's two commands: `make up` (the main job) and `make test` (everything CI runs).
+GO ?= go
+FUZZTIME ?= 5s
+PKGS := ./...
+
+.PHONY: test check unit integration fuzz up down binaries bench
+
+## test: formatting, vet, unit and integration tests (with -race) and bounded fuzzing
+test: check binaries
+	$(GO) test -race -count=1 -timeout 30m $(PKGS)
+	$(MAKE) fuzz
+
+## check: gofmt and go vet must be clean
+check:
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	  if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+	$(GO) vet $(PKGS)
+	cd tools/k8s && $(GO) vet ./etcd
+
+## unit: the fast tests only (integration tests skip under -short)
+unit:
+	$(GO) test -race -short -count=1 $(PKGS)
+
+## fuzz: run every fuzz target for FUZZTIME
+fuzz:
+	@for target in $$($(GO) test -list '^Fuzz' ./mesh | grep '^Fuzz'); do \
+	  echo "fuzz mesh $$target for $(FUZZTIME)"; \
+	  $(GO) test ./mesh -run '^$$' -fuzz "^$$target\$$" -fuzztime $(FUZZTIME) || exit 1; \
+	done
+
+## binaries: build the etcd and Kubernetes binaries into the cache (once per version)
+binaries:
+	$(GO) run ./cmd/isthmus cluster binaries
+
+## up: the main job, two real local clusters that keep running (stop with `make down`)
+up:
+	$(GO) run ./cmd/isthmus cluster up --clusters 2
+
+down:
+	$(GO) run ./cmd/isthmus cluster down
+
+## bench: the benchmarks recorded in docs/benchmarks.md
+bench:
+	$(GO) test ./internal/kubelocal -run '^$$' -bench . -benchtime 5x

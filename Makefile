@@ -22,10 +22,13 @@ unit:
 	$(GO) test -race -short -count=1 $(PKGS)
 
 ## fuzz: run every fuzz target for FUZZTIME
+FUZZPKGS := ./mesh ./remote
 fuzz:
-	@for target in $$($(GO) test -list '^Fuzz' ./mesh | grep '^Fuzz'); do \
-	  echo "fuzz mesh $$target for $(FUZZTIME)"; \
-	  $(GO) test ./mesh -run '^$$' -fuzz "^$$target\$$" -fuzztime $(FUZZTIME) || exit 1; \
+	@for pkg in $(FUZZPKGS); do \
+	  for target in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz'); do \
+	    echo "fuzz $$pkg $$target for $(FUZZTIME)"; \
+	    $(GO) test $$pkg -run '^$$' -fuzz "^$$target\$$" -fuzztime $(FUZZTIME) || exit 1; \
+	  done; \
 	done
 
 ## binaries: build the etcd and Kubernetes binaries into the cache (once per version)

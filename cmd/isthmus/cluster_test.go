@@ -12,7 +12,10 @@ import (
 	"testing"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
+
 	"github.com/isthmus-mesh/isthmus/internal/kubelocal/kubetest"
+	"github.com/isthmus-mesh/isthmus/remote"
 )
 
 // buildIsthmus compiles the real binary: `cluster up` re-executes it as the detached node
@@ -109,6 +112,23 @@ func TestClusterUpListDown(t *testing.T) {
 			t.Fatal("the pod never got an IP from the detached node agent")
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+
+	// remote-secret create against a running local cluster gives a secret a primary accepts.
+	stdout, stderr, err = run(t, bin, "remote-secret", "create", "--kubeconfig", kc, "--name", "cluster-2", "-o", "json")
+	if err != nil {
+		t.Fatalf("remote-secret create: %v\n%s", err, stderr)
+	}
+	var secret corev1.Secret
+	if err := json.Unmarshal([]byte(stdout), &secret); err != nil {
+		t.Fatalf("remote-secret create -o json: %v\n%s", err, stdout)
+	}
+	creds, err := remote.ParseSecret(&secret, remote.Policy{})
+	if err != nil || len(creds) != 1 || creds[0].Err != nil || creds[0].Cluster != "cluster-2" {
+		t.Fatalf("secret from the CLI: %v %+v", err, creds)
+	}
+	if !strings.Contains(stderr, "token valid until") {
+		t.Errorf("remote-secret create did not report the token expiry:\n%s", stderr)
 	}
 
 	stdout, _, err = run(t, bin, "cluster", "list", "--state-dir", state, "-o", "yaml")

@@ -50,7 +50,7 @@ Start here:
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newClusterCommand(), newVersionCommand())
+	root.AddCommand(newClusterCommand(), newRemoteSecretCommand(), newVersionCommand())
 	return root
 }
 

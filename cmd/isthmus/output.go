@@ -17,7 +17,7 @@ type printer struct {
 
 func (p printer) validate() error {
 	switch p.format {
-	case "", "table", "wide", "json", "yaml":
+	case "", "json", "yaml":
 		return nil
 	}
 	return fmt.Errorf("unknown output format %q: use -o json, -o yaml or leave it out for a table", p.format)
@@ -38,6 +38,9 @@ func (p printer) print(w io.Writer, v any, table func(tw *tabwriter.Writer)) err
 		_, err = w.Write(data)
 		return err
 	default:
+		if table == nil {
+			return fmt.Errorf("this command prints only -o json or -o yaml")
+		}
 		tw := tabwriter.NewWriter(w, 0, 4, 3, ' ', 0)
 		table(tw)
 		return tw.Flush()

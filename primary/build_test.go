@@ -1,0 +1,195 @@
+package primary
+
+import (
+	"net/netip"
+	"testing"
+
+	endpoint "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
+	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/isthmus-mesh/isthmus/mesh"
+)
+
+func ep(addr string, cluster mesh.ClusterID, network mesh.NetworkID, mtls bool, zone string) mesh.Endpoint {
+	return mesh.Endpoint{
+		Address: netip.MustParseAddr(addr), Cluster: cluster, Network: network, MTLSReady: mtls,
+		Ports: []mesh.Port{{Name: "grpc", Number: 8080}}, Health: mesh.HealthHealthy,
+		Locality: mesh.Locality{Region: "r", Zone: zone},
+	}
+}
+
+func gw(network mesh.NetworkID, addr string) Gateway {
+	return Gateway{Network: network, Address: netip.MustParseAddr(addr), Port: GatewayTLSPort}
+}
+
+func TestSplitHorizon(t *testing.T) {
+	gws := map[mesh.NetworkID][]Gateway{"n2": {gw("n2", "192.0.2.2")}, "n3": {gw("n3", "192.0.2.3"), gw("n3", "192.0.2.33")}}
+	eps := []mesh.Endpoint{
+		ep("10.1.0.1", "c1", "n1", true, "a"),
+		ep("10.0.0.9", "c1", "", false, "a"), // no network: everyone reaches it
+		ep("10.2.0.1", "c2", "n2", true, "b"),
+		ep("10.2.0.2", "c2", "n2", true, "b"),
+		ep("10.2.0.3", "c2", "n2", false, "b"), // cannot do mTLS: dropped elsewhere
+		ep("10.3.0.1", "c3", "n3", true, "c"),
+		ep("10.3.0.2", "c3", "n3", true, "c"),
+		ep("10.3.0.3", "c3", "n3", true, "c"),
+		ep("10.4.0.1", "c4", "n4", true, "d"), // no gateway for n4: dropped elsewhere
+	}
+	eps[3].Weight = 3
+	type row struct {
+		Addr    string
+		Weight  uint32
+		Gateway bool
+	}
+	rows := func(l []lbEndpoint) []row {
+		var out []row
+		for _, e := range l {
+			out = append(out, row{e.Addr.String(), e.Weight, e.Gateway})
+		}
+		return out
+	}
+	tests := []struct {
+		name      string
+		network   mesh.NetworkID
+		localOnly bool
+		want      []row
+	}{
+		{"from n1", "n1", false, []row{
+			{"10.1.0.1:8080", 1, false}, {"10.0.0.9:8080", 1, false},
+			{"192.0.2.2:15443", 4, true}, // 1 + 3, the non-mTLS endpoint left out
+			{"192.0.2.3:15443", 2, true}, {"192.0.2.33:15443", 2, true}, // 3 split over 2 gateways, rounded up
+		}},
+		{"from n2 keeps its own non-mTLS endpoint", "n2", false, []row{
+			{"10.0.0.9:8080", 1, false}, {"10.2.0.1:8080", 1, false}, {"10.2.0.2:8080", 3, false}, {"10.2.0.3:8080", 1, false},
+			{"192.0.2.3:15443", 2, true}, {"192.0.2.33:15443", 2, true},
+		}},
+		{"n4 sees its endpoint directly", "n4", false, []row{
+			{"10.0.0.9:8080", 1, false}, {"192.0.2.2:15443", 4, true}, {"192.0.2.3:15443", 2, true}, {"192.0.2.33:15443", 2, true}, {"10.4.0.1:8080", 1, false},
+		}},
+		{"gateway on n2 sees only n2", "n2", true, []row{
+			{"10.0.0.9:8080", 1, false}, {"10.2.0.1:8080", 1, false}, {"10.2.0.2:8080", 3, false}, {"10.2.0.3:8080", 1, false},
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got := rows(splitHorizon(eps, "grpc", tt.network, gws, tt.localOnly))
+			less := func(a, b row) bool { return a.Addr < b.Addr }
+			if d := cmp.Diff(sortRows(tt.want, less), sortRows(got, less)); d != "" {
+				t.Fatalf("split horizon (-want +got):\n%s", d)
+			}
+		})
+	}
+	if got := splitHorizon(eps, "http", "n1", gws, false); len(got) != 0 {
+		t.Fatalf("endpoints without the port: %v", got)
+	}
+}
+
+func sortRows[T any](s []T, less func(a, b T) bool) []T {
+	out := append([]T(nil), s...)
+	for i := range out {
+		for j := i + 1; j < len(out); j++ {
+			if less(out[j], out[i]) {
+				out[i], out[j] = out[j], out[i]
+			}
+		}
+	}
+	return out
+}
+
+func testView() *View {
+	r := NewRegistry()
+	svc := func(c mesh.ClusterID, vip string) *Service {
+		return &Service{Hostname: "echo.demo.svc.cluster.local", Key: mesh.ServiceKey{Namespace: "demo", Name: "echo"},
+			VIP: netip.MustParseAddr(vip), Ports: []ServicePort{{Name: "grpc", Port: 8080, Protocol: mesh.ProtocolGRPC}}}
+	}
+	r.UpdateService(ShardKey{SourceKubernetes, "c1"}, "echo.demo.svc.cluster.local", svc("c1", "10.96.0.10"), []mesh.Endpoint{ep("10.1.0.1", "c1", "n1", true, "a")})
+	r.UpdateService(ShardKey{SourceKubernetes, "c2"}, "echo.demo.svc.cluster.local", svc("c2", "10.96.0.20"), []mesh.Endpoint{ep("10.2.0.1", "c2", "n2", true, "b")})
+	r.UpdateGateways(ShardKey{SourceKubernetes, "c2"}, []Gateway{gw("n2", "192.0.2.2")})
+	// Endpoints of a hostname no cluster defines are not part of the mesh.
+	r.ReplaceShard(ShardKey{SourceKubernetes, "c3"}, &ShardData{Endpoints: map[mesh.Hostname][]mesh.Endpoint{"ghost.demo.svc.cluster.local": {ep("10.3.0.1", "c3", "n1", true, "c")}}})
+	return r.View()
+}
+
+func TestRegistryMergesByHostname(t *testing.T) {
+	v := testView()
+	if len(v.Services) != 1 {
+		t.Fatalf("services: %+v", v.Services)
+	}
+	s := v.Service("echo.demo.svc.cluster.local")
+	if s == nil || len(s.Endpoints) != 2 || len(s.VIPs) != 2 || s.VIPs["c2"] != netip.MustParseAddr("10.96.0.20") {
+		t.Fatalf("merged service: %+v", s)
+	}
+	if v.Service("ghost.demo.svc.cluster.local") != nil {
+		t.Fatal("a hostname without a Service became part of the mesh")
+	}
+	if len(v.Gateways["n2"]) != 1 {
+		t.Fatalf("gateways: %+v", v.Gateways)
+	}
+}
+
+func TestBuildResourcesValidateForEveryProxyKind(t *testing.T) {
+	v := testView()
+	for _, key := range []ViewKey{{ProxyGRPC, "n1"}, {ProxySidecar, "n1"}, {ProxyGateway, "n2"}, {ProxyGRPC, ""}} {
+		t.Run(key.String(), func(t *testing.T) {
+			res, err := BuildResources(v, key)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := res.Validate(); err != nil {
+				t.Fatal(err)
+			}
+			snap, err := res.Snapshot("v1")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if key.Kind != ProxySidecar { // sidecar routes are fetched by RDS name; checked below
+				if err := snap.Consistent(); err != nil {
+					t.Fatalf("snapshot not consistent: %v", err)
+				}
+			}
+			clusters := res[resource.ClusterType]
+			if len(clusters) != 1 || clusterNameOf(clusters[0]) != "outbound|8080||echo.demo.svc.cluster.local" {
+				t.Fatalf("clusters: %v", clusters)
+			}
+			cla := res[resource.EndpointType][0].(*endpoint.ClusterLoadAssignment)
+			for _, loc := range cla.Endpoints {
+				if loc.GetLoadBalancingWeight().GetValue() == 0 {
+					t.Fatalf("locality %v without weight (proxyless gRPC would drop it)", loc.Locality)
+				}
+			}
+			switch key.Kind {
+			case ProxyGRPC:
+				l := res[resource.ListenerType][0].(*listener.Listener)
+				if l.Name != "echo.demo.svc.cluster.local:8080" || l.ApiListener == nil {
+					t.Fatalf("gRPC listener: %v", l)
+				}
+				var m hcm.HttpConnectionManager
+				if err := l.ApiListener.ApiListener.UnmarshalTo(&m); err != nil {
+					t.Fatal(err)
+				}
+				if len(m.HttpFilters) != 1 || m.HttpFilters[0].Name != "envoy.filters.http.router" {
+					t.Fatalf("gRPC listener needs the router filter: %v", m.HttpFilters)
+				}
+				if key.Network == "n1" && len(cla.Endpoints) != 2 {
+					t.Fatalf("n1 should see its endpoint and n2's gateway in two localities: %v", cla.Endpoints)
+				}
+			case ProxySidecar:
+				if len(res[resource.RouteType]) != 1 || len(res[resource.ListenerType]) != 1 {
+					t.Fatalf("sidecar routes/listeners: %v / %v", res[resource.RouteType], res[resource.ListenerType])
+				}
+			case ProxyGateway:
+				if len(res[resource.ListenerType]) != 0 || len(cla.Endpoints) != 1 || len(cla.Endpoints[0].LbEndpoints) != 1 {
+					t.Fatalf("gateway view: %v", cla)
+				}
+			}
+		})
+	}
+}
+
+func clusterNameOf(r any) string {
+	type named interface{ GetName() string }
+	return r.(named).GetName()
+}

@@ -1,0 +1,246 @@
+package primary
+
+import (
+	"cmp"
+	"net/netip"
+	"slices"
+	"sync"
+
+	"github.com/isthmus-mesh/isthmus/mesh"
+)
+
+// SourceKubernetes is the source name of shards filled by cluster watchers.
+const SourceKubernetes = "kubernetes"
+
+// ShardKey names one source's view of one cluster. Every shard is written by exactly one
+// writer (a cluster watcher, later a federation import).
+type ShardKey struct {
+	Source  string
+	Cluster mesh.ClusterID
+}
+
+// String returns "source/cluster".
+func (k ShardKey) String() string { return k.Source + "/" + string(k.Cluster) }
+
+// ServicePort is one port of a service.
+type ServicePort struct {
+	Name     string
+	Port     uint16
+	Protocol mesh.Protocol
+}
+
+// Service is one cluster's definition of a service.
+type Service struct {
+	Hostname mesh.Hostname
+	Key      mesh.ServiceKey
+	VIP      netip.Addr // the ClusterIP; invalid for headless services
+	Ports    []ServicePort
+}
+
+// Gateway is a network's east-west gateway address.
+type Gateway struct {
+	Network mesh.NetworkID
+	Address netip.Addr
+	Port    uint16
+	Cluster mesh.ClusterID // where it was discovered ("" when configured)
+}
+
+// ShardData is the complete content of one shard.
+type ShardData struct {
+	Services  map[mesh.Hostname]*Service
+	Endpoints map[mesh.Hostname][]mesh.Endpoint
+	Gateways  []Gateway
+}
+
+// Registry holds every shard and merges them into Views. It is safe for concurrent use;
+// writers never block on readers for longer than a map update.
+type Registry struct {
+	changed chan struct{}
+
+	mu sync.Mutex
+	// shards is guarded by mu; ShardData values are never mutated after they are stored.
+	shards  map[ShardKey]*ShardData
+	version uint64 // guarded by mu; bumped on every change
+}
+
+// NewRegistry returns an empty registry.
+func NewRegistry() *Registry {
+	return &Registry{changed: make(chan struct{}, 1), shards: map[ShardKey]*ShardData{}}
+}
+
+// Changed receives a value after one or more changes (coalesced); readers then call View.
+func (r *Registry) Changed() <-chan struct{} { return r.changed }
+
+func (r *Registry) notifyLocked() {
+	r.version++
+	select {
+	case r.changed <- struct{}{}:
+	default:
+	}
+}
+
+// ReplaceShard sets the whole content of a shard at once, so that readers never see a
+// cluster half-built. A nil data removes the shard.
+func (r *Registry) ReplaceShard(key ShardKey, data *ShardData) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if data == nil {
+		if _, ok := r.shards[key]; !ok {
+			return
+		}
+		delete(r.shards, key)
+	} else {
+		r.shards[key] = data
+	}
+	r.notifyLocked()
+}
+
+// UpdateService sets (or, with svc nil, deletes) one service of a shard together with its
+// endpoints, copying the shard's maps so that earlier Views stay unchanged.
+func (r *Registry) UpdateService(key ShardKey, host mesh.Hostname, svc *Service, eps []mesh.Endpoint) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	old := r.shards[key]
+	next := &ShardData{Services: map[mesh.Hostname]*Service{}, Endpoints: map[mesh.Hostname][]mesh.Endpoint{}}
+	if old != nil {
+		for h, s := range old.Services {
+			next.Services[h] = s
+		}
+		for h, e := range old.Endpoints {
+			next.Endpoints[h] = e
+		}
+		next.Gateways = old.Gateways
+	}
+	if svc == nil {
+		delete(next.Services, host)
+		delete(next.Endpoints, host)
+	} else {
+		next.Services[host] = svc
+		next.Endpoints[host] = eps
+	}
+	r.shards[key] = next
+	r.notifyLocked()
+}
+
+// UpdateGateways sets the gateways a shard discovered.
+func (r *Registry) UpdateGateways(key ShardKey, gws []Gateway) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	old := r.shards[key]
+	next := &ShardData{}
+	if old != nil {
+		*next = *old
+	}
+	next.Gateways = gws
+	r.shards[key] = next
+	r.notifyLocked()
+}
+
+// Shard returns the current content of a shard (nil when absent). The result must not be
+// modified.
+func (r *Registry) Shard(key ShardKey) *ShardData {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.shards[key]
+}
+
+// View is an immutable merged picture of the registry.
+type View struct {
+	Version  uint64
+	Services []*MergedService // sorted by hostname
+	// Gateways by network, from every shard plus configured ones.
+	Gateways map[mesh.NetworkID][]Gateway
+}
+
+// MergedService is one hostname across every cluster that has it ("namespace sameness").
+type MergedService struct {
+	Hostname mesh.Hostname
+	Key      mesh.ServiceKey
+	// Ports is the union of the clusters' ports by number, sorted; on a name clash the
+	// first cluster in ID order wins.
+	Ports     []ServicePort
+	VIPs      map[mesh.ClusterID]netip.Addr
+	Endpoints []mesh.Endpoint // from every shard, sorted by cluster then address
+}
+
+// Service returns the merged service with hostname h, or nil.
+func (v *View) Service(h mesh.Hostname) *MergedService {
+	i, ok := slices.BinarySearchFunc(v.Services, h, func(s *MergedService, h mesh.Hostname) int { return cmp.Compare(s.Hostname, h) })
+	if !ok {
+		return nil
+	}
+	return v.Services[i]
+}
+
+// View merges all shards. Endpoints whose hostname has no Service in any shard are left
+// out: a service exists in the mesh only where some cluster defines it.
+func (r *Registry) View() *View {
+	r.mu.Lock()
+	version := r.version
+	keys := make([]ShardKey, 0, len(r.shards))
+	shards := make(map[ShardKey]*ShardData, len(r.shards))
+	for k, s := range r.shards {
+		keys = append(keys, k)
+		shards[k] = s
+	}
+	r.mu.Unlock()
+
+	slices.SortFunc(keys, func(a, b ShardKey) int {
+		return cmp.Or(cmp.Compare(a.Cluster, b.Cluster), cmp.Compare(a.Source, b.Source))
+	})
+	v := &View{Version: version, Gateways: map[mesh.NetworkID][]Gateway{}}
+	merged := map[mesh.Hostname]*MergedService{}
+	for _, k := range keys {
+		sd := shards[k]
+		for _, g := range sd.Gateways {
+			v.Gateways[g.Network] = append(v.Gateways[g.Network], g)
+		}
+		for h, svc := range sd.Services {
+			m := merged[h]
+			if m == nil {
+				m = &MergedService{Hostname: h, Key: svc.Key, VIPs: map[mesh.ClusterID]netip.Addr{}}
+				merged[h] = m
+			}
+			if svc.VIP.IsValid() {
+				m.VIPs[k.Cluster] = svc.VIP
+			}
+			for _, p := range svc.Ports {
+				if !slices.ContainsFunc(m.Ports, func(q ServicePort) bool { return q.Port == p.Port }) {
+					m.Ports = append(m.Ports, p)
+				}
+			}
+		}
+	}
+	for _, k := range keys {
+		for h, eps := range shards[k].Endpoints {
+			if m := merged[h]; m != nil {
+				m.Endpoints = append(m.Endpoints, eps...)
+			}
+		}
+	}
+	for _, m := range merged {
+		slices.SortFunc(m.Ports, func(a, b ServicePort) int { return cmp.Compare(a.Port, b.Port) })
+		slices.SortFunc(m.Endpoints, func(a, b mesh.Endpoint) int {
+			return cmp.Or(cmp.Compare(a.Cluster, b.Cluster), a.Address.Compare(b.Address))
+		})
+		v.Services = append(v.Services, m)
+	}
+	slices.SortFunc(v.Services, func(a, b *MergedService) int { return cmp.Compare(a.Hostname, b.Hostname) })
+	for n, gws := range v.Gateways {
+		slices.SortFunc(gws, func(a, b Gateway) int { return cmp.Or(a.Address.Compare(b.Address), cmp.Compare(a.Port, b.Port)) })
+		v.Gateways[n] = slices.CompactFunc(gws, func(a, b Gateway) bool { return a.Address == b.Address && a.Port == b.Port })
+	}
+	return v
+}
+
+// EndpointCount returns how many endpoints a shard holds.
+func (d *ShardData) EndpointCount() int {
+	if d == nil {
+		return 0
+	}
+	n := 0
+	for _, eps := range d.Endpoints {
+		n += len(eps)
+	}
+	return n
+}

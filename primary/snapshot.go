@@ -1,0 +1,248 @@
+package primary
+
+import (
+	"cmp"
+	"fmt"
+	"slices"
+	"strconv"
+	"time"
+
+	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	endpoint "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
+	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	router "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
+	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
+	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/wellknown"
+	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/isthmus-mesh/isthmus/mesh"
+)
+
+// ClusterName returns the Istio-style name of a service port's cluster,
+// "outbound|<port>|<subset>|<host>".
+func ClusterName(port uint16, subset string, host mesh.Hostname) string {
+	return "outbound|" + strconv.Itoa(int(port)) + "|" + subset + "|" + string(host)
+}
+
+// GRPCListenerName is the name a proxyless gRPC client asks for when it dials
+// xds:///<host>:<port>.
+func GRPCListenerName(host mesh.Hostname, port uint16) string {
+	return string(host) + ":" + strconv.Itoa(int(port))
+}
+
+// Resources is one view's xDS resources by type URL.
+type Resources map[resource.Type][]types.Resource
+
+// BuildResources translates a registry view into the resources of one proxy view. It is a
+// pure function: the same view and key always give the same resources, in a stable order.
+func BuildResources(v *View, key ViewKey) (Resources, error) {
+	res := Resources{}
+	localOnly := key.Kind == ProxyGateway
+	routesByPort := map[uint16][]*route.VirtualHost{}
+	for _, svc := range v.Services {
+		for _, p := range svc.Ports {
+			name := ClusterName(p.Port, "", svc.Hostname)
+			res[resource.ClusterType] = append(res[resource.ClusterType], edsCluster(name))
+			res[resource.EndpointType] = append(res[resource.EndpointType],
+				loadAssignment(name, splitHorizon(svc.Endpoints, p.Name, key.Network, v.Gateways, localOnly)))
+			switch key.Kind {
+			case ProxyGRPC:
+				l, err := grpcListener(svc.Hostname, p.Port, name)
+				if err != nil {
+					return nil, err
+				}
+				res[resource.ListenerType] = append(res[resource.ListenerType], l)
+			case ProxySidecar:
+				if isHTTP(p.Protocol) {
+					routesByPort[p.Port] = append(routesByPort[p.Port], virtualHost(svc.Hostname, p.Port, name))
+				}
+			}
+		}
+	}
+	ports := make([]uint16, 0, len(routesByPort))
+	for port := range routesByPort {
+		ports = append(ports, port)
+	}
+	slices.Sort(ports)
+	for _, port := range ports {
+		name := strconv.Itoa(int(port))
+		res[resource.RouteType] = append(res[resource.RouteType], &route.RouteConfiguration{Name: name, VirtualHosts: routesByPort[port]})
+		l, err := sidecarListener(port, name)
+		if err != nil {
+			return nil, err
+		}
+		res[resource.ListenerType] = append(res[resource.ListenerType], l)
+	}
+	return res, nil
+}
+
+// Validate runs every resource's own proto validation (the checks Envoy applies).
+func (r Resources) Validate() error {
+	for typ, list := range r {
+		for _, x := range list {
+			if v, ok := x.(interface{ ValidateAll() error }); ok {
+				if err := v.ValidateAll(); err != nil {
+					return fmt.Errorf("primary: invalid %s %q: %w", typ, cache.GetResourceName(x), err)
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// Snapshot wraps the resources in a go-control-plane snapshot at version.
+func (r Resources) Snapshot(version string) (*cache.Snapshot, error) {
+	return cache.NewSnapshot(version, r)
+}
+
+func isHTTP(p mesh.Protocol) bool {
+	return p == mesh.ProtocolHTTP || p == mesh.ProtocolHTTP2 || p == mesh.ProtocolGRPC
+}
+
+func adsSource() *core.ConfigSource {
+	return &core.ConfigSource{
+		ResourceApiVersion:    core.ApiVersion_V3,
+		ConfigSourceSpecifier: &core.ConfigSource_Ads{Ads: &core.AggregatedConfigSource{}},
+	}
+}
+
+func edsCluster(name string) *cluster.Cluster {
+	return &cluster.Cluster{
+		Name:                 name,
+		ClusterDiscoveryType: &cluster.Cluster_Type{Type: cluster.Cluster_EDS},
+		EdsClusterConfig:     &cluster.Cluster_EdsClusterConfig{EdsConfig: adsSource()},
+		ConnectTimeout:       durationpb.New(5 * time.Second),
+		LbPolicy:             cluster.Cluster_ROUND_ROBIN,
+	}
+}
+
+// loadAssignment groups endpoints by locality. Every locality carries a load-balancing
+// weight (the sum of its endpoints' weights): proxyless gRPC ignores localities without one
+// and then fails every call.
+func loadAssignment(name string, eps []lbEndpoint) *endpoint.ClusterLoadAssignment {
+	byLoc := map[mesh.Locality][]lbEndpoint{}
+	for _, e := range eps {
+		byLoc[e.Locality] = append(byLoc[e.Locality], e)
+	}
+	locs := make([]mesh.Locality, 0, len(byLoc))
+	for l := range byLoc {
+		locs = append(locs, l)
+	}
+	slices.SortFunc(locs, func(a, b mesh.Locality) int { return cmp.Compare(a.String(), b.String()) })
+	cla := &endpoint.ClusterLoadAssignment{ClusterName: name}
+	for _, l := range locs {
+		group := &endpoint.LocalityLbEndpoints{Locality: &core.Locality{Region: l.Region, Zone: l.Zone, SubZone: l.Subzone}}
+		var sum uint32
+		for _, e := range byLoc[l] {
+			sum += e.Weight
+			group.LbEndpoints = append(group.LbEndpoints, &endpoint.LbEndpoint{
+				HostIdentifier: &endpoint.LbEndpoint_Endpoint{Endpoint: &endpoint.Endpoint{
+					Address: socketAddress(e.Addr.Addr().String(), uint32(e.Addr.Port())),
+				}},
+				HealthStatus:        healthStatus(e.Health),
+				LoadBalancingWeight: wrapperspb.UInt32(e.Weight),
+			})
+		}
+		group.LoadBalancingWeight = wrapperspb.UInt32(sum)
+		cla.Endpoints = append(cla.Endpoints, group)
+	}
+	return cla
+}
+
+func healthStatus(h mesh.Health) core.HealthStatus {
+	switch h {
+	case mesh.HealthHealthy:
+		return core.HealthStatus_HEALTHY
+	case mesh.HealthUnhealthy:
+		return core.HealthStatus_UNHEALTHY
+	case mesh.HealthDraining:
+		return core.HealthStatus_DRAINING
+	default:
+		return core.HealthStatus_UNKNOWN
+	}
+}
+
+func socketAddress(addr string, port uint32) *core.Address {
+	return &core.Address{Address: &core.Address_SocketAddress{SocketAddress: &core.SocketAddress{
+		Protocol: core.SocketAddress_TCP, Address: addr, PortSpecifier: &core.SocketAddress_PortValue{PortValue: port},
+	}}}
+}
+
+func virtualHost(host mesh.Hostname, port uint16, clusterName string) *route.VirtualHost {
+	hp := string(host) + ":" + strconv.Itoa(int(port))
+	return &route.VirtualHost{
+		Name:    hp,
+		Domains: []string{string(host), hp},
+		Routes: []*route.Route{{
+			Match:  &route.RouteMatch{PathSpecifier: &route.RouteMatch_Prefix{Prefix: "/"}},
+			Action: &route.Route_Route{Route: &route.RouteAction{ClusterSpecifier: &route.RouteAction_Cluster{Cluster: clusterName}}},
+		}},
+	}
+}
+
+func routerFilter() (*hcm.HttpFilter, error) {
+	r, err := anypb.New(&router.Router{})
+	if err != nil {
+		return nil, err
+	}
+	return &hcm.HttpFilter{Name: wellknown.Router, ConfigType: &hcm.HttpFilter_TypedConfig{TypedConfig: r}}, nil
+}
+
+// grpcListener is the api_listener a proxyless gRPC client resolves xds:///host:port to:
+// an HttpConnectionManager with the router filter and an inline route to the cluster.
+func grpcListener(host mesh.Hostname, port uint16, clusterName string) (*listener.Listener, error) {
+	rf, err := routerFilter()
+	if err != nil {
+		return nil, err
+	}
+	name := GRPCListenerName(host, port)
+	m := &hcm.HttpConnectionManager{
+		StatPrefix: name,
+		RouteSpecifier: &hcm.HttpConnectionManager_RouteConfig{RouteConfig: &route.RouteConfiguration{
+			Name:         name,
+			VirtualHosts: []*route.VirtualHost{virtualHost(host, port, clusterName)},
+		}},
+		HttpFilters: []*hcm.HttpFilter{rf},
+	}
+	// grpc-go matches the dialled authority against the domains; accept any spelling.
+	m.GetRouteConfig().VirtualHosts[0].Domains = []string{"*"}
+	a, err := anypb.New(m)
+	if err != nil {
+		return nil, err
+	}
+	return &listener.Listener{Name: name, ApiListener: &listener.ApiListener{ApiListener: a}}, nil
+}
+
+// sidecarListener is an Envoy outbound listener for one port, routing by Host header
+// through the RDS route configuration named after the port.
+func sidecarListener(port uint16, routeName string) (*listener.Listener, error) {
+	rf, err := routerFilter()
+	if err != nil {
+		return nil, err
+	}
+	m := &hcm.HttpConnectionManager{
+		StatPrefix: "outbound_0.0.0.0_" + routeName,
+		RouteSpecifier: &hcm.HttpConnectionManager_Rds{Rds: &hcm.Rds{
+			ConfigSource: adsSource(), RouteConfigName: routeName,
+		}},
+		HttpFilters: []*hcm.HttpFilter{rf},
+	}
+	a, err := anypb.New(m)
+	if err != nil {
+		return nil, err
+	}
+	return &listener.Listener{
+		Name:    "0.0.0.0_" + routeName,
+		Address: socketAddress("0.0.0.0", uint32(port)),
+		FilterChains: []*listener.FilterChain{{
+			Filters: []*listener.Filter{{Name: wellknown.HTTPConnectionManager, ConfigType: &listener.Filter_TypedConfig{TypedConfig: a}}},
+		}},
+	}, nil
+}

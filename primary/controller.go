@@ -3,6 +3,7 @@ package primary
 import (
 	"context"
 	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"log/slog"
 	"os"
@@ -128,6 +129,7 @@ func (c *Clusters) reconcileSource(source string, creds []credential) {
 			continue
 		}
 		w := newClusterWatcher(id, source, client, c.reg, c.cfg)
+		w.credHash = cr.hash
 		if e == nil {
 			delete(c.removed, id)
 			c.entries[id] = &clusterEntry{source: source, hash: cr.hash, active: w}
@@ -233,6 +235,9 @@ func (c *Clusters) Statuses() []ClusterStatus {
 	for _, e := range entries {
 		s := e.active.Status()
 		s.Rotating, s.PendingErr = pending[e], pendErrs[e]
+		if e.source != "local" {
+			s.Credential = hex.EncodeToString(e.active.credHash[:4])
+		}
 		out = append(out, s)
 	}
 	slices.SortFunc(out, func(a, b ClusterStatus) int {

@@ -44,7 +44,8 @@ type ClusterStatus struct {
 	Services   int            `json:"services"`
 	Endpoints  int            `json:"endpoints"`
 	Error      string         `json:"error,omitzero"`
-	Rotating   bool           `json:"rotating,omitzero"` // a new credential is syncing
+	Credential string         `json:"credential,omitzero"` // short hash of the credential in use
+	Rotating   bool           `json:"rotating,omitzero"`   // a new credential is syncing
 	PendingErr string         `json:"pendingError,omitzero"`
 }
 
@@ -87,6 +88,7 @@ type clusterWatcher struct {
 	enableOne sync.Once
 	cancel    context.CancelFunc
 	done      chan struct{}
+	credHash  [32]byte // of the kubeconfig this watcher uses (zero for the local cluster)
 
 	mu sync.Mutex
 	// status is guarded by mu.

@@ -131,6 +131,7 @@ type Cluster struct {
 
 	cfg        Config
 	rest       *rest.Config
+	apiArgs    []string // the API server's flags, for RestartAPIServer
 	etcdPorts  [2]int
 	agentStop  context.CancelFunc
 	agentDone  chan error
@@ -342,6 +343,7 @@ func (c *Cluster) startAPIServer(ctx context.Context, pki pkiFiles) error {
 		})
 		if err == nil {
 			c.URL = url
+			c.apiArgs = args
 			return nil
 		}
 		if retry := portConflict(p) && attempt < maxPortAttempts; retry {
@@ -520,6 +522,48 @@ func (c *Cluster) checkAlive() error {
 		if p.exited() {
 			return p.exitError()
 		}
+	}
+	return nil
+}
+
+// StopAPIServer stops only the API server, as an outage of a cluster's control plane
+// looks to its clients; etcd, the controller manager and the node agent keep running and
+// retry. RestartAPIServer brings it back on the same address.
+func (c *Cluster) StopAPIServer() {
+	c.mu.Lock()
+	var api *process
+	for _, p := range c.procs {
+		if p.name == "kube-apiserver" {
+			api = p
+		}
+	}
+	c.mu.Unlock()
+	if api != nil {
+		c.dropProc(api)
+	}
+}
+
+// RestartAPIServer starts the API server again with the flags it had, and waits until it
+// is ready.
+func (c *Cluster) RestartAPIServer(ctx context.Context) error {
+	if _, running := c.PIDs()["kube-apiserver"]; running {
+		return fmt.Errorf("kubelocal: cluster %s: the API server is running", c.Name)
+	}
+	pki := newPKIFiles(filepath.Join(c.Dir, "pki"))
+	tlsConfig, err := adminTLS(pki)
+	if err != nil {
+		return err
+	}
+	client := &http.Client{Transport: &http.Transport{TLSClientConfig: tlsConfig}, Timeout: 5 * time.Second}
+	defer client.CloseIdleConnections()
+	p, err := c.startProc("kube-apiserver", kubebin.APIServer, c.apiArgs)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, c.cfg.StartTimeout)
+	defer cancel()
+	if err := waitReady(ctx, p, func(ctx context.Context) error { return httpGetOK(ctx, client, c.URL+"/readyz") }); err != nil {
+		return fmt.Errorf("kubelocal: cluster %s: restart API server: %w", c.Name, err)
 	}
 	return nil
 }

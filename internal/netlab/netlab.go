@@ -1,0 +1,130 @@
+package netlab
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"runtime"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// ErrNotRoot is returned by New when the process cannot create network namespaces.
+var ErrNotRoot = errors.New("netlab: creating network namespaces needs root")
+
+// Namespace is one network namespace. Its loopback interface is up and carries the
+// addresses added with AddAddr.
+type Namespace struct {
+	// Name is the namespace's name under /var/run/netns.
+	Name string
+	fd   int // an open handle on the namespace
+}
+
+// New creates a network namespace named isthmus-<prefix>-<random> with loopback up.
+func New(prefix string) (*Namespace, error) {
+	if os.Geteuid() != 0 {
+		return nil, ErrNotRoot
+	}
+	b := make([]byte, 3)
+	rand.Read(b)
+	name := "isthmus-" + prefix + "-" + hex.EncodeToString(b)
+	if err := ip("netns", "add", name); err != nil {
+		return nil, err
+	}
+	ns := &Namespace{Name: name, fd: -1}
+	if err := ip("-n", name, "link", "set", "lo", "up"); err != nil {
+		ns.Close()
+		return nil, err
+	}
+	fd, err := unix.Open("/var/run/netns/"+name, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		ns.Close()
+		return nil, fmt.Errorf("netlab: open namespace %s: %w", name, err)
+	}
+	ns.fd = fd
+	return ns, nil
+}
+
+// AddAddr gives the namespace a local address (a /32 or /128 on its loopback).
+func (n *Namespace) AddAddr(a netip.Addr) error {
+	bits := 32
+	if a.Is6() {
+		bits = 128
+	}
+	return ip("-n", n.Name, "addr", "add", netip.PrefixFrom(a, bits).String(), "dev", "lo")
+}
+
+// Do runs fn on an OS thread switched into the namespace. Sockets fn creates belong to
+// the namespace for their whole life; goroutines fn starts do not run in it.
+func (n *Namespace) Do(fn func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		// The thread is never unlocked: if switching back failed it must not be reused,
+		// and a locked goroutine's thread exits with it, which is just as good.
+		self, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			errc <- fmt.Errorf("netlab: open own namespace: %w", err)
+			return
+		}
+		defer unix.Close(self)
+		if err := unix.Setns(n.fd, unix.CLONE_NEWNET); err != nil {
+			errc <- fmt.Errorf("netlab: enter %s: %w", n.Name, err)
+			return
+		}
+		err = fn()
+		if serr := unix.Setns(self, unix.CLONE_NEWNET); serr == nil {
+			runtime.UnlockOSThread()
+		}
+		errc <- err
+	}()
+	return <-errc
+}
+
+// Listen opens a TCP listener inside the namespace.
+func (n *Namespace) Listen(address string) (net.Listener, error) {
+	var l net.Listener
+	err := n.Do(func() (err error) {
+		l, err = net.Listen("tcp", address)
+		return err
+	})
+	return l, err
+}
+
+// Dial connects to address from inside the namespace. It fits grpc.WithContextDialer.
+func (n *Namespace) Dial(ctx context.Context, address string) (net.Conn, error) {
+	var c net.Conn
+	err := n.Do(func() (err error) {
+		var d net.Dialer
+		c, err = d.DialContext(ctx, "tcp", address)
+		return err
+	})
+	return c, err
+}
+
+// Close deletes the namespace. Sockets still open in it keep it alive until they close.
+func (n *Namespace) Close() error {
+	if n.fd >= 0 {
+		unix.Close(n.fd)
+		n.fd = -1
+	}
+	return ip("netns", "del", n.Name)
+}
+
+func ip(args ...string) error {
+	cmd := exec.Command("ip", args...)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Run(); err != nil {
+		return fmt.Errorf("netlab: ip %s: %v: %s", strings.Join(args, " "), err, strings.TrimSpace(out.String()))
+	}
+	return nil
+}

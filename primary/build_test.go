@@ -59,7 +59,7 @@ func TestSplitHorizon(t *testing.T) {
 	}{
 		{"from n1", "n1", false, []row{
 			{"10.1.0.1:8080", 1, false}, {"10.0.0.9:8080", 1, false},
-			{"192.0.2.2:15443", 4, true}, // 1 + 3, the non-mTLS endpoint left out
+			{"192.0.2.2:15443", 4, true},                                // 1 + 3, the non-mTLS endpoint left out
 			{"192.0.2.3:15443", 2, true}, {"192.0.2.33:15443", 2, true}, // 3 split over 2 gateways, rounded up
 		}},
 		{"from n2 keeps its own non-mTLS endpoint", "n2", false, []row{

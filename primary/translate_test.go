@@ -38,7 +38,9 @@ func TestTranslateEndpoints(t *testing.T) {
 	}
 	ready, notReady, term := true, false, true
 	name, port := "grpc-echo", int32(8080)
-	ref := func(n string) *corev1.ObjectReference { return &corev1.ObjectReference{Kind: "Pod", Namespace: "demo", Name: n} }
+	ref := func(n string) *corev1.ObjectReference {
+		return &corev1.ObjectReference{Kind: "Pod", Namespace: "demo", Name: n}
+	}
 	slice := &discoveryv1.EndpointSlice{
 		AddressType: discoveryv1.AddressTypeIPv4,
 		Ports:       []discoveryv1.EndpointPort{{Name: &name, Port: &port}},

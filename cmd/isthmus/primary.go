@@ -1,0 +1,202 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/spf13/cobra"
+	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/isthmus-mesh/isthmus/mesh"
+	"github.com/isthmus-mesh/isthmus/primary"
+)
+
+func newPrimaryCommand() *cobra.Command {
+	var (
+		kubeconfig, kubeContext, clusterID, network, trustDomain, logLevel string
+		xdsAddr, httpAddr                                                 string
+		cidrs, gateways                                                   []string
+		cfg                                                               primary.Config
+	)
+	cmd := &cobra.Command{
+		Use:   "primary",
+		Short: "Run a control plane: watch this and remote clusters, serve xDS",
+		Long: `Run a control plane.
+
+It watches its own cluster (--kubeconfig/--context) and every remote cluster named in a
+remote secret (label istio/multiCluster=true) in --namespace, or in a file of
+--kubeconfig-dir, merges their services by hostname and serves them over xDS (ADS, state
+of the world and delta) to Envoy, proxyless gRPC clients and gateways.
+
+Endpoints:
+  --xds-address    gRPC xDS (ADS)
+  --http-address   /readyz, /metrics, /debug/clusterz, /debug/registryz,
+                   /debug/config_dump?proxy=ID, /debug/proxyz`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			id, err := mesh.ParseClusterID(clusterID)
+			if err != nil {
+				return fmt.Errorf("--cluster-id: %w", err)
+			}
+			cfg.ClusterID = id
+			if network != "" {
+				if cfg.DefaultNetwork, err = mesh.ParseNetworkID(network); err != nil {
+					return fmt.Errorf("--network: %w", err)
+				}
+			}
+			if cfg.TrustDomain, err = mesh.ParseTrustDomain(trustDomain); err != nil {
+				return fmt.Errorf("--trust-domain: %w", err)
+			}
+			if cfg.NetworkCIDRs, err = parseNetworkCIDRs(cidrs); err != nil {
+				return err
+			}
+			if cfg.Gateways, err = parseGateways(gateways); err != nil {
+				return err
+			}
+			var level slog.Level
+			if err := level.UnmarshalText([]byte(logLevel)); err != nil {
+				return fmt.Errorf("--log-level: %w", err)
+			}
+			cfg.Log = slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: level}))
+			rules := clientcmd.NewDefaultClientConfigLoadingRules()
+			rules.ExplicitPath = kubeconfig
+			rc, err := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules, &clientcmd.ConfigOverrides{CurrentContext: kubeContext}).ClientConfig()
+			if err != nil {
+				return fmt.Errorf("load the local cluster's kubeconfig: %w", err)
+			}
+			if cfg.LocalClient, err = kubernetes.NewForConfig(rc); err != nil {
+				return err
+			}
+			reg := prometheus.NewRegistry()
+			reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+			cfg.Metrics = reg
+			p, err := primary.New(cfg)
+			if err != nil {
+				return err
+			}
+			return runPrimary(cmd.Context(), p, reg, xdsAddr, httpAddr, cfg.Log)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&kubeconfig, "kubeconfig", "", "kubeconfig of the cluster the primary runs in (default: $KUBECONFIG or ~/.kube/config)")
+	f.StringVar(&kubeContext, "context", "", "context in the kubeconfig to use")
+	f.StringVar(&clusterID, "cluster-id", "", "ID of the cluster the primary runs in (required)")
+	f.StringVar(&cfg.Namespace, "namespace", "istio-system", "namespace of the remote secrets (and the system namespace whose network label names a cluster's network)")
+	f.StringVar(&cfg.KubeconfigDir, "kubeconfig-dir", "", "directory of kubeconfig files, one per remote cluster named <cluster-id>.<ext>")
+	f.StringVar(&xdsAddr, "xds-address", ":15010", "address of the xDS gRPC server")
+	f.StringVar(&httpAddr, "http-address", ":15014", "address of the readiness, metrics and debug server")
+	f.DurationVar(&cfg.SyncTimeout, "sync-timeout", 10*time.Second, "longest a cluster's first sync holds readiness back")
+	f.DurationVar(&cfg.StaleWindow, "stale-window", 60*time.Second, "how long an unreachable cluster's endpoints are kept before they are withdrawn")
+	f.DurationVar(&cfg.ProbeInterval, "probe-interval", 5*time.Second, "how often each cluster's API server is probed")
+	f.DurationVar(&cfg.Debounce, "debounce", 100*time.Millisecond, "how long changes are coalesced before a push")
+	f.StringVar(&cfg.Domain, "domain", "cluster.local", "cluster DNS domain")
+	f.StringVar(&trustDomain, "trust-domain", "cluster.local", "trust domain of workload identities")
+	f.StringVar(&network, "network", "", "network of clusters whose system namespace has no topology.istio.io/network label")
+	f.StringSliceVar(&cidrs, "network-cidr", nil, "NETWORK=CIDR: endpoints in CIDR are on NETWORK unless labelled (repeatable)")
+	f.StringSliceVar(&gateways, "gateway", nil, "NETWORK=IP:PORT: a gateway of NETWORK besides discovered ones (repeatable)")
+	f.BoolVar(&cfg.KubeconfigPolicy.AllowExec, "allow-exec-kubeconfigs", false, "accept remote kubeconfigs with exec credential plugins (runs commands on this host)")
+	f.BoolVar(&cfg.KubeconfigPolicy.AllowAuthProvider, "allow-auth-provider-kubeconfigs", false, "accept remote kubeconfigs with auth-provider plugins")
+	f.BoolVar(&cfg.KubeconfigPolicy.AllowFiles, "allow-file-kubeconfigs", false, "accept remote kubeconfigs that reference files on this host")
+	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	cmd.MarkFlagRequired("cluster-id")
+	return cmd
+}
+
+func parseNetworkCIDRs(in []string) ([]primary.NetworkCIDR, error) {
+	var out []primary.NetworkCIDR
+	for _, s := range in {
+		n, c, ok := strings.Cut(s, "=")
+		if !ok {
+			return nil, fmt.Errorf("--network-cidr %q: want NETWORK=CIDR", s)
+		}
+		nw, err := mesh.ParseNetworkID(n)
+		if err != nil {
+			return nil, fmt.Errorf("--network-cidr %q: %w", s, err)
+		}
+		p, err := netip.ParsePrefix(c)
+		if err != nil {
+			return nil, fmt.Errorf("--network-cidr %q: %w", s, err)
+		}
+		out = append(out, primary.NetworkCIDR{Prefix: p.Masked(), Network: nw})
+	}
+	return out, nil
+}
+
+func parseGateways(in []string) ([]primary.Gateway, error) {
+	var out []primary.Gateway
+	for _, s := range in {
+		n, a, ok := strings.Cut(s, "=")
+		if !ok {
+			return nil, fmt.Errorf("--gateway %q: want NETWORK=IP:PORT", s)
+		}
+		nw, err := mesh.ParseNetworkID(n)
+		if err != nil {
+			return nil, fmt.Errorf("--gateway %q: %w", s, err)
+		}
+		ap, err := netip.ParseAddrPort(a)
+		if err != nil {
+			return nil, fmt.Errorf("--gateway %q: %w", s, err)
+		}
+		out = append(out, primary.Gateway{Network: nw, Address: ap.Addr(), Port: ap.Port()})
+	}
+	return out, nil
+}
+
+// runPrimary serves xDS and HTTP and runs the primary until ctx ends, then shuts down:
+// listeners first, then in-flight work.
+func runPrimary(ctx context.Context, p *primary.Primary, reg *prometheus.Registry, xdsAddr, httpAddr string, log *slog.Logger) error {
+	xl, err := net.Listen("tcp", xdsAddr)
+	if err != nil {
+		return fmt.Errorf("xDS listener: %w", err)
+	}
+	hl, err := net.Listen("tcp", httpAddr)
+	if err != nil {
+		xl.Close()
+		return fmt.Errorf("HTTP listener: %w", err)
+	}
+	log.Info("primary serving", "xds", xl.Addr().String(), "http", hl.Addr().String())
+	g, ctx := errgroup.WithContext(ctx)
+	gs := grpc.NewServer()
+	p.RegisterXDS(ctx, gs)
+	hs := &http.Server{Handler: p.Handler(reg), ReadHeaderTimeout: 10 * time.Second}
+	g.Go(func() error { return gs.Serve(xl) })
+	g.Go(func() error {
+		if err := hs.Serve(hl); !errors.Is(err, http.ErrServerClosed) {
+			return err
+		}
+		return nil
+	})
+	g.Go(func() error { return p.Run(ctx) })
+	g.Go(func() error {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		hs.Shutdown(sctx)
+		done := make(chan struct{})
+		go func() { gs.GracefulStop(); close(done) }()
+		select {
+		case <-done:
+		case <-sctx.Done():
+			gs.Stop()
+		}
+		return nil
+	})
+	err = g.Wait()
+	if errors.Is(err, context.Canceled) || errors.Is(err, grpc.ErrServerStopped) {
+		err = nil
+	}
+	return err
+}
+

@@ -5,12 +5,13 @@ import (
 	"net/http"
 	"slices"
 	"sort"
+	"strings"
 
-	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/protobuf/encoding/protojson"
-	"google.golang.org/protobuf/proto"
+
+	"github.com/isthmus-mesh/isthmus/mesh"
 )
 
 // ClusterzResponse is the body of /debug/clusterz (also what `isthmus status` reads).
@@ -81,29 +82,24 @@ func (p *Primary) configDump(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "give ?proxy=<node ID> or ?view=<kind>/<network>", http.StatusBadRequest)
 		return
 	}
-	snap, err := p.cache.GetSnapshot(key)
-	if err != nil {
-		http.Error(w, "no configuration for view "+key+": "+err.Error(), http.StatusNotFound)
+	var vk ViewKey
+	kind, network, _ := strings.Cut(key, "/")
+	vk.Kind, vk.Network = ProxyKind(kind), mesh.NetworkID(network)
+	dump, ok := p.cache.Dump(vk)
+	if !ok {
+		http.Error(w, "no configuration for view "+key+" (no proxy has asked for it yet); see /debug/proxyz", http.StatusNotFound)
 		return
 	}
 	out := map[string]any{"view": key}
-	for typ, res := range snap.(*cache.Snapshot).Resources {
-		_ = typ
-		for _, r := range res.Items {
-			m, ok := r.Resource.(proto.Message)
-			if !ok {
-				continue
+	for typ, list := range dump {
+		items := make([]json.RawMessage, 0, len(list))
+		for _, a := range list {
+			if b, err := protojson.Marshal(a); err == nil {
+				items = append(items, b)
 			}
-			b, err := protojson.Marshal(m)
-			if err != nil {
-				continue
-			}
-			t := string(m.ProtoReflect().Descriptor().FullName())
-			list, _ := out[t].([]json.RawMessage)
-			out[t] = append(list, b)
 		}
+		out[typ] = items
 	}
-	out["version"] = snap.GetVersion("type.googleapis.com/envoy.config.cluster.v3.Cluster")
 	writeJSON(w, out)
 }
 

@@ -6,13 +6,11 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"strconv"
 	"sync"
 	"time"
 
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
-	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/server/v3"
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
@@ -115,7 +113,7 @@ type Primary struct {
 	cfg      Config
 	reg      *Registry
 	clusters *Clusters
-	cache    cache.SnapshotCache
+	cache    *viewCache
 	metrics  *metrics
 	log      *slog.Logger
 	newView  chan struct{}
@@ -156,7 +154,7 @@ func New(cfg Config) (*Primary, error) {
 		streams: map[int64]Proxy{},
 	}
 	p.clusters = newClusters(p.reg, wc, cfg.KubeconfigPolicy)
-	p.cache = cache.NewSnapshotCache(true, viewHash{p}, nil)
+	p.cache = newViewCache(p.noteView)
 	p.metrics, err = newMetrics(cfg.Metrics, p)
 	if err != nil {
 		return nil, err
@@ -170,29 +168,16 @@ func (p *Primary) Registry() *Registry { return p.reg }
 // Clusters returns the cluster statuses.
 func (p *Primary) Clusters() []ClusterStatus { return p.clusters.Statuses() }
 
-// viewHash keys the snapshot cache by view, so that every proxy of one view shares one
-// snapshot (and its marshalled bytes). It also notes views it has not seen, so the pusher
-// builds them.
-type viewHash struct{ p *Primary }
-
-// ID implements cache.NodeHash.
-func (h viewHash) ID(n *core.Node) string {
-	proxy, err := ProxyFromNode(n)
-	if err != nil {
-		return "invalid" // never gets a snapshot; the stream is refused in OnStreamRequest
+// noteView records a view a proxy asked for and wakes the pusher to build it. It is
+// called under the cache's lock, so it only flips state and signals.
+func (p *Primary) noteView(key ViewKey) {
+	p.mu.Lock()
+	p.views[key] = true
+	p.mu.Unlock()
+	select {
+	case p.newView <- struct{}{}:
+	default:
 	}
-	key := proxy.Key()
-	h.p.mu.Lock()
-	seen := h.p.views[key]
-	h.p.views[key] = true
-	h.p.mu.Unlock()
-	if !seen {
-		select {
-		case h.p.newView <- struct{}{}:
-		default:
-		}
-	}
-	return key.String()
 }
 
 // RegisterXDS registers the aggregated discovery service (state of the world and delta)
@@ -306,7 +291,6 @@ func (p *Primary) push(ctx context.Context) {
 	}
 	p.mu.Lock()
 	p.pushes++
-	version := "v" + strconv.FormatUint(p.pushes, 10)
 	keys := make([]ViewKey, 0, len(p.views))
 	for k := range p.views {
 		keys = append(keys, k)
@@ -316,10 +300,7 @@ func (p *Primary) push(ctx context.Context) {
 	for _, k := range keys {
 		res, err := BuildResources(v, k)
 		if err == nil {
-			var snap *cache.Snapshot
-			if snap, err = res.Snapshot(version); err == nil {
-				err = p.cache.SetSnapshot(ctx, k.String(), snap)
-			}
+			err = p.cache.SetView(k, res)
 		}
 		if err != nil {
 			p.metrics.pushErrors.Inc()

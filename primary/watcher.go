@@ -449,6 +449,11 @@ func (w *clusterWatcher) publishAll() {
 // unreachable clusters keep their endpoints for StaleWindow, then lose them; a cluster
 // that answers again is republished.
 func (w *clusterWatcher) probe(ctx context.Context) {
+	rc := w.client.Discovery().RESTClient()
+	if rc == nil {
+		w.log.Warn("client cannot probe its API server; link health is not tracked for this cluster")
+		return
+	}
 	t := time.NewTicker(w.cfg.ProbeInterval)
 	defer t.Stop()
 	failures := 0
@@ -459,7 +464,7 @@ func (w *clusterWatcher) probe(ctx context.Context) {
 		case <-t.C:
 		}
 		pctx, cancel := context.WithTimeout(ctx, max(w.cfg.ProbeInterval, time.Second))
-		err := w.client.Discovery().RESTClient().Get().AbsPath("/readyz").Do(pctx).Error()
+		err := rc.Get().AbsPath("/readyz").Do(pctx).Error()
 		cancel()
 		if ctx.Err() != nil {
 			return

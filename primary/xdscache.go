@@ -1,0 +1,432 @@
+package primary
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"slices"
+	"sort"
+	"sync"
+
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
+)
+
+// viewCache is the primary's xDS cache (a go-control-plane cache.Cache). It holds one set
+// of resources per view, each resource marshalled once when the view is set; every
+// response to every proxy of the view shares those bytes, so a push costs one marshal per
+// changed resource, not one per proxy (go-control-plane's SnapshotCache marshals per
+// response).
+//
+// Versions are content hashes: a resource's version is the hash of its bytes, and a
+// state-of-the-world response's version is the hash of exactly what it returned. So a push
+// that leaves a proxy's resources unchanged sends that proxy nothing, and the version a
+// proxy ACKs says precisely what it has.
+type viewCache struct {
+	// onNewView is called (under the cache's lock; it must not block) the first time a
+	// proxy asks for a view, so that the primary builds it.
+	onNewView func(ViewKey)
+
+	mu sync.Mutex
+	// views and nextID are guarded by mu.
+	views  map[ViewKey]*viewState
+	nextID int64
+}
+
+// viewState is one view's resources and the watches waiting on it.
+type viewState struct {
+	types  map[string]*typeResources // by type URL
+	sotw   map[int64]*sotwWatch
+	deltas map[int64]*deltaWatch
+}
+
+// typeResources are the marshalled resources of one type.
+type typeResources struct {
+	byName map[string]*marshalled
+	all    string // hash over every resource, the version of a wildcard response
+}
+
+type marshalled struct {
+	name    string
+	version string // hash of the bytes
+	any     *anypb.Any
+}
+
+type sotwWatch struct {
+	req *discovery.DiscoveryRequest
+	sub cache.Subscription
+	ch  chan cache.Response
+}
+
+type deltaWatch struct {
+	req *discovery.DeltaDiscoveryRequest
+	sub cache.Subscription
+	ch  chan cache.DeltaResponse
+}
+
+// pushOrder is the order watches are answered in on a push: clusters before their
+// endpoints, listeners before their routes, so that an Envoy never references what it
+// does not yet have (make before break).
+var pushOrder = []string{resource.ClusterType, resource.EndpointType, resource.ListenerType, resource.RouteType, resource.SecretType}
+
+func newViewCache(onNewView func(ViewKey)) *viewCache {
+	return &viewCache{views: map[ViewKey]*viewState{}, onNewView: onNewView}
+}
+
+// marshalResources marshals each resource once, deterministically.
+func marshalResources(res Resources) (map[string]*typeResources, error) {
+	out := make(map[string]*typeResources, len(res))
+	opts := proto.MarshalOptions{Deterministic: true}
+	for typ, list := range res {
+		tr := &typeResources{byName: make(map[string]*marshalled, len(list))}
+		h := sha256.New()
+		for _, r := range list {
+			b, err := opts.Marshal(r)
+			if err != nil {
+				return nil, fmt.Errorf("primary: marshal %s: %w", cache.GetResourceName(r), err)
+			}
+			sum := sha256.Sum256(b)
+			name := cache.GetResourceName(r)
+			m := &marshalled{name: name, version: hex.EncodeToString(sum[:8]), any: &anypb.Any{TypeUrl: typ, Value: b}}
+			tr.byName[name] = m
+		}
+		names := make([]string, 0, len(tr.byName))
+		for n := range tr.byName {
+			names = append(names, n)
+		}
+		sort.Strings(names)
+		for _, n := range names {
+			h.Write([]byte(n))
+			h.Write([]byte(tr.byName[n].version))
+		}
+		tr.all = hex.EncodeToString(h.Sum(nil)[:8])
+		out[typ] = tr
+	}
+	return out, nil
+}
+
+func (c *viewCache) stateLocked(key ViewKey) *viewState {
+	v := c.views[key]
+	if v == nil {
+		v = &viewState{sotw: map[int64]*sotwWatch{}, deltas: map[int64]*deltaWatch{}}
+		c.views[key] = v
+	}
+	return v
+}
+
+// watchedStateLocked returns the view of a proxy's node, announcing views never asked for
+// before.
+func (c *viewCache) watchedStateLocked(key ViewKey) *viewState {
+	if _, ok := c.views[key]; !ok && c.onNewView != nil {
+		c.onNewView(key)
+	}
+	return c.stateLocked(key)
+}
+
+func viewKeyOf(n *core.Node) (ViewKey, error) {
+	p, err := ProxyFromNode(n)
+	if err != nil {
+		return ViewKey{}, fmt.Errorf("primary: refusing xDS watch: %w", err)
+	}
+	return p.Key(), nil
+}
+
+// SetView replaces a view's resources and answers every watch whose resources changed.
+func (c *viewCache) SetView(key ViewKey, res Resources) error {
+	types, err := marshalResources(res)
+	if err != nil {
+		return err
+	}
+	type send struct {
+		sotw  chan cache.Response
+		sresp cache.Response
+		delta chan cache.DeltaResponse
+		dresp cache.DeltaResponse
+	}
+	var sends []send
+	c.mu.Lock()
+	v := c.stateLocked(key)
+	v.types = types
+	ids := make([]int64, 0, len(v.sotw)+len(v.deltas))
+	for id := range v.sotw {
+		ids = append(ids, id)
+	}
+	for id := range v.deltas {
+		ids = append(ids, id)
+	}
+	typeOf := func(id int64) string {
+		if w, ok := v.sotw[id]; ok {
+			return w.req.GetTypeUrl()
+		}
+		return v.deltas[id].req.GetTypeUrl()
+	}
+	rank := func(t string) int {
+		if i := slices.Index(pushOrder, t); i >= 0 {
+			return i
+		}
+		return len(pushOrder)
+	}
+	sort.Slice(ids, func(i, j int) bool {
+		ri, rj := rank(typeOf(ids[i])), rank(typeOf(ids[j]))
+		if ri != rj {
+			return ri < rj
+		}
+		return ids[i] < ids[j]
+	})
+	for _, id := range ids {
+		if w, ok := v.sotw[id]; ok {
+			if resp := sotwResponse(v, w.req, w.sub); resp != nil {
+				delete(v.sotw, id)
+				sends = append(sends, send{sotw: w.ch, sresp: resp})
+			}
+			continue
+		}
+		w := v.deltas[id]
+		if resp := deltaResponse(v, w.req, w.sub); resp != nil {
+			delete(v.deltas, id)
+			sends = append(sends, send{delta: w.ch, dresp: resp})
+		}
+	}
+	c.mu.Unlock()
+	// Send outside the lock: a stream's loop may be waiting for the lock in CreateWatch
+	// while its channel is full. Each watch was removed above, so it gets one response.
+	for _, s := range sends {
+		if s.sotw != nil {
+			s.sotw <- s.sresp
+		} else {
+			s.delta <- s.dresp
+		}
+	}
+	return nil
+}
+
+// wildcardTypes are the types a state-of-the-world client may request without names.
+func wildcard(typ string, sub cache.Subscription) bool {
+	return sub.IsWildcard() && (typ == resource.ListenerType || typ == resource.ClusterType)
+}
+
+// selected returns the resources of typ a subscription covers, sorted by name.
+func selected(v *viewState, typ string, sub cache.Subscription) []*marshalled {
+	tr := v.types[typ]
+	if tr == nil {
+		return nil
+	}
+	var out []*marshalled
+	if wildcard(typ, sub) {
+		out = make([]*marshalled, 0, len(tr.byName))
+		for _, m := range tr.byName {
+			out = append(out, m)
+		}
+	} else {
+		for name := range sub.SubscribedResources() {
+			if m, ok := tr.byName[name]; ok {
+				out = append(out, m)
+			}
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].name < out[j].name })
+	return out
+}
+
+// sotwResponse returns the response a state-of-the-world watch should get now, or nil when
+// what it would get is what it already has.
+func sotwResponse(v *viewState, req *discovery.DiscoveryRequest, sub cache.Subscription) cache.Response {
+	if v.types == nil {
+		return nil // the view has not been built yet
+	}
+	typ := req.GetTypeUrl()
+	res := selected(v, typ, sub)
+	var version string
+	if tr := v.types[typ]; tr != nil && wildcard(typ, sub) {
+		version = tr.all
+	} else {
+		h := sha256.New()
+		for _, m := range res {
+			h.Write([]byte(m.name))
+			h.Write([]byte(m.version))
+		}
+		version = hex.EncodeToString(h.Sum(nil)[:8])
+	}
+	if version == req.GetVersionInfo() {
+		return nil
+	}
+	out := &discovery.DiscoveryResponse{VersionInfo: version, TypeUrl: typ, Resources: make([]*anypb.Any, len(res))}
+	returned := make(map[string]string, len(res))
+	for i, m := range res {
+		out.Resources[i] = m.any // shared bytes: marshalled once for every proxy
+		returned[m.name] = version
+	}
+	return &sotwResp{req: req, resp: out, returned: returned}
+}
+
+// deltaResponse returns the incremental update a delta watch should get now, or nil when
+// nothing it subscribes to changed.
+func deltaResponse(v *viewState, req *discovery.DeltaDiscoveryRequest, sub cache.Subscription) cache.DeltaResponse {
+	if v.types == nil {
+		return nil
+	}
+	typ := req.GetTypeUrl()
+	known := sub.ReturnedResources()
+	next := make(map[string]string, len(known))
+	for k, ver := range known {
+		next[k] = ver
+	}
+	out := &discovery.DeltaDiscoveryResponse{TypeUrl: typ}
+	wild := sub.IsWildcard()
+	for _, m := range selected(v, typ, sub) {
+		if known[m.name] != m.version {
+			out.Resources = append(out.Resources, &discovery.Resource{Name: m.name, Version: m.version, Resource: m.any})
+			next[m.name] = m.version
+		}
+	}
+	tr := v.types[typ]
+	for name := range known {
+		_, subscribed := sub.SubscribedResources()[name]
+		present := tr != nil && tr.byName[name] != nil
+		if !present && (wild || subscribed) {
+			out.RemovedResources = append(out.RemovedResources, name)
+			delete(next, name)
+		}
+	}
+	sort.Strings(out.RemovedResources)
+	// The first response on a stream is sent even when empty, so the client knows the
+	// server has answered.
+	first := len(known) == 0 && req.GetResponseNonce() == ""
+	if len(out.Resources) == 0 && len(out.RemovedResources) == 0 && !first {
+		return nil
+	}
+	if tr != nil {
+		out.SystemVersionInfo = tr.all
+	}
+	return &deltaResp{req: req, resp: out, next: next}
+}
+
+// CreateWatch implements cache.ConfigWatcher for state-of-the-world streams.
+func (c *viewCache) CreateWatch(req *cache.Request, sub cache.Subscription, ch chan cache.Response) (func(), error) {
+	key, err := viewKeyOf(req.GetNode())
+	if err != nil {
+		return nil, err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	v := c.watchedStateLocked(key)
+	// The stream's channel has room for one response per type, and the stream's own loop
+	// is the caller, so an immediate answer never blocks.
+	if resp := sotwResponse(v, req, sub); resp != nil {
+		ch <- resp
+		return func() {}, nil
+	}
+	c.nextID++
+	id := c.nextID
+	v.sotw[id] = &sotwWatch{req: req, sub: sub, ch: ch}
+	return func() {
+		c.mu.Lock()
+		delete(v.sotw, id)
+		c.mu.Unlock()
+	}, nil
+}
+
+// CreateDeltaWatch implements cache.ConfigWatcher for incremental streams.
+func (c *viewCache) CreateDeltaWatch(req *cache.DeltaRequest, sub cache.Subscription, ch chan cache.DeltaResponse) (func(), error) {
+	key, err := viewKeyOf(req.GetNode())
+	if err != nil {
+		return nil, err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	v := c.watchedStateLocked(key)
+	if resp := deltaResponse(v, req, sub); resp != nil {
+		ch <- resp
+		return func() {}, nil
+	}
+	c.nextID++
+	id := c.nextID
+	v.deltas[id] = &deltaWatch{req: req, sub: sub, ch: ch}
+	return func() {
+		c.mu.Lock()
+		delete(v.deltas, id)
+		c.mu.Unlock()
+	}, nil
+}
+
+// Fetch implements cache.ConfigFetcher; REST polling is not offered.
+func (c *viewCache) Fetch(context.Context, *cache.Request) (cache.Response, error) {
+	return nil, errors.New("primary: xDS fetch (REST polling) is not supported; use ADS")
+}
+
+// Views returns the keys of the views that proxies have asked for.
+func (c *viewCache) Views() []ViewKey {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	keys := make([]ViewKey, 0, len(c.views))
+	for k := range c.views {
+		keys = append(keys, k)
+	}
+	return keys
+}
+
+// Dump returns a view's resources (type URL → marshalled resources) for config_dump.
+func (c *viewCache) Dump(key ViewKey) (map[string][]*anypb.Any, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	v := c.views[key]
+	if v == nil || v.types == nil {
+		return nil, false
+	}
+	out := map[string][]*anypb.Any{}
+	for typ, tr := range v.types {
+		for _, m := range tr.byName {
+			out[typ] = append(out[typ], m.any)
+		}
+		sort.Slice(out[typ], func(i, j int) bool { return string(out[typ][i].Value) < string(out[typ][j].Value) })
+	}
+	return out, true
+}
+
+type sotwResp struct {
+	req      *discovery.DiscoveryRequest
+	resp     *discovery.DiscoveryResponse
+	returned map[string]string
+}
+
+// GetDiscoveryResponse returns a fresh envelope each time (the server writes the nonce into
+// it) around the shared resources.
+func (r *sotwResp) GetDiscoveryResponse() (*discovery.DiscoveryResponse, error) {
+	return &discovery.DiscoveryResponse{VersionInfo: r.resp.VersionInfo, TypeUrl: r.resp.TypeUrl, Resources: r.resp.Resources}, nil
+}
+func (r *sotwResp) GetRequest() *discovery.DiscoveryRequest { return r.req }
+func (r *sotwResp) GetVersion() (string, error)             { return r.resp.VersionInfo, nil }
+func (r *sotwResp) GetResponseVersion() string              { return r.resp.VersionInfo }
+func (r *sotwResp) GetReturnedResources() map[string]string { return r.returned }
+func (r *sotwResp) GetContext() context.Context             { return context.Background() }
+
+type deltaResp struct {
+	req  *discovery.DeltaDiscoveryRequest
+	resp *discovery.DeltaDiscoveryResponse
+	next map[string]string
+}
+
+func (r *deltaResp) GetDeltaDiscoveryResponse() (*discovery.DeltaDiscoveryResponse, error) {
+	return &discovery.DeltaDiscoveryResponse{
+		SystemVersionInfo: r.resp.SystemVersionInfo, TypeUrl: r.resp.TypeUrl,
+		Resources: r.resp.Resources, RemovedResources: r.resp.RemovedResources,
+	}, nil
+}
+func (r *deltaResp) GetDeltaRequest() *discovery.DeltaDiscoveryRequest { return r.req }
+func (r *deltaResp) GetSystemVersion() (string, error)                 { return r.resp.SystemVersionInfo, nil }
+func (r *deltaResp) GetResponseVersion() string                        { return r.resp.SystemVersionInfo }
+func (r *deltaResp) GetNextVersionMap() map[string]string              { return r.next }
+func (r *deltaResp) GetReturnedResources() map[string]string           { return r.next }
+func (r *deltaResp) GetContext() context.Context                       { return context.Background() }
+
+var (
+	_ cache.Cache         = (*viewCache)(nil)
+	_ cache.Response      = (*sotwResp)(nil)
+	_ cache.DeltaResponse = (*deltaResp)(nil)
+)

@@ -114,6 +114,7 @@ type Primary struct {
 	reg      *Registry
 	clusters *Clusters
 	cache    *viewCache
+	builder  *Builder // used by the pusher only
 	metrics  *metrics
 	log      *slog.Logger
 	newView  chan struct{}
@@ -155,6 +156,7 @@ func New(cfg Config) (*Primary, error) {
 	}
 	p.clusters = newClusters(p.reg, wc, cfg.KubeconfigPolicy)
 	p.cache = newViewCache(p.noteView)
+	p.builder = NewBuilder()
 	p.metrics, err = newMetrics(cfg.Metrics, p)
 	if err != nil {
 		return nil, err
@@ -298,7 +300,7 @@ func (p *Primary) push(ctx context.Context) {
 	p.lastView = v
 	p.mu.Unlock()
 	for _, k := range keys {
-		res, err := BuildResources(v, k)
+		res, err := p.builder.Build(v, k)
 		if err == nil {
 			err = p.cache.SetView(k, res)
 		}

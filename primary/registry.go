@@ -61,15 +61,53 @@ type Registry struct {
 	// shards is guarded by mu; ShardData values are never mutated after they are stored.
 	shards  map[ShardKey]*ShardData
 	version uint64 // guarded by mu; bumped on every change
+	// gens counts changes per hostname and gwGen changes to gateways, so that View merges,
+	// and the snapshot builder rebuilds, only what changed; guarded by mu.
+	gens  map[mesh.Hostname]uint64
+	gwGen uint64
+	// merged caches the last merge of each hostname at the generation it was built at;
+	// guarded by mu.
+	merged map[mesh.Hostname]*MergedService
 }
 
 // NewRegistry returns an empty registry.
 func NewRegistry() *Registry {
-	return &Registry{changed: make(chan struct{}, 1), shards: map[ShardKey]*ShardData{}}
+	return &Registry{
+		changed: make(chan struct{}, 1),
+		shards:  map[ShardKey]*ShardData{},
+		gens:    map[mesh.Hostname]uint64{},
+		merged:  map[mesh.Hostname]*MergedService{},
+	}
 }
 
 // Changed receives a value after one or more changes (coalesced); readers then call View.
 func (r *Registry) Changed() <-chan struct{} { return r.changed }
+
+// touchLocked records that host changed.
+func (r *Registry) touchLocked(host mesh.Hostname) {
+	r.version++
+	r.gens[host] = r.version
+}
+
+// touchShardLocked records that every hostname of old and next may have changed, and the
+// gateways if they differ.
+func (r *Registry) touchShardLocked(old, next *ShardData) {
+	for _, d := range []*ShardData{old, next} {
+		if d == nil {
+			continue
+		}
+		for h := range d.Services {
+			r.touchLocked(h)
+		}
+		for h := range d.Endpoints {
+			r.touchLocked(h)
+		}
+	}
+	if !slices.Equal(old.gatewaysOrNil(), next.gatewaysOrNil()) {
+		r.version++
+		r.gwGen = r.version
+	}
+}
 
 func (r *Registry) notifyLocked() {
 	r.version++
@@ -84,14 +122,16 @@ func (r *Registry) notifyLocked() {
 func (r *Registry) ReplaceShard(key ShardKey, data *ShardData) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	old, ok := r.shards[key]
 	if data == nil {
-		if _, ok := r.shards[key]; !ok {
+		if !ok {
 			return
 		}
 		delete(r.shards, key)
 	} else {
 		r.shards[key] = data
 	}
+	r.touchShardLocked(old, data)
 	r.notifyLocked()
 }
 
@@ -119,6 +159,7 @@ func (r *Registry) UpdateService(key ShardKey, host mesh.Hostname, svc *Service,
 		next.Endpoints[host] = eps
 	}
 	r.shards[key] = next
+	r.touchLocked(host)
 	r.notifyLocked()
 }
 
@@ -133,6 +174,7 @@ func (r *Registry) UpdateGateways(key ShardKey, gws []Gateway) {
 	}
 	next.Gateways = gws
 	r.shards[key] = next
+	r.touchShardLocked(&ShardData{Gateways: old.gatewaysOrNil()}, &ShardData{Gateways: gws})
 	r.notifyLocked()
 }
 
@@ -146,14 +188,19 @@ func (r *Registry) Shard(key ShardKey) *ShardData {
 
 // View is an immutable merged picture of the registry.
 type View struct {
-	Version  uint64
-	Services []*MergedService // sorted by hostname
+	Version uint64
+	// GatewaysGen changes whenever Gateways do.
+	GatewaysGen uint64
+	Services    []*MergedService // sorted by hostname
 	// Gateways by network, from every shard plus configured ones.
 	Gateways map[mesh.NetworkID][]Gateway
 }
 
 // MergedService is one hostname across every cluster that has it ("namespace sameness").
 type MergedService struct {
+	// Gen changes whenever anything about the hostname changes in any shard; equal Gens
+	// mean equal content. MergedService values are shared between Views and never mutated.
+	Gen      uint64
 	Hostname mesh.Hostname
 	Key      mesh.ServiceKey
 	// Ports is the union of the clusters' ports by number, sorted; on a name clash the
@@ -173,64 +220,78 @@ func (v *View) Service(h mesh.Hostname) *MergedService {
 }
 
 // View merges all shards. Endpoints whose hostname has no Service in any shard are left
-// out: a service exists in the mesh only where some cluster defines it.
+// out: a service exists in the mesh only where some cluster defines it. Only hostnames
+// that changed since the last View are merged again; the others are shared.
 func (r *Registry) View() *View {
 	r.mu.Lock()
-	version := r.version
+	defer r.mu.Unlock()
 	keys := make([]ShardKey, 0, len(r.shards))
-	shards := make(map[ShardKey]*ShardData, len(r.shards))
-	for k, s := range r.shards {
+	for k := range r.shards {
 		keys = append(keys, k)
-		shards[k] = s
 	}
-	r.mu.Unlock()
-
 	slices.SortFunc(keys, func(a, b ShardKey) int {
 		return cmp.Or(cmp.Compare(a.Cluster, b.Cluster), cmp.Compare(a.Source, b.Source))
 	})
-	v := &View{Version: version, Gateways: map[mesh.NetworkID][]Gateway{}}
-	merged := map[mesh.Hostname]*MergedService{}
+	v := &View{Version: r.version, GatewaysGen: r.gwGen, Gateways: map[mesh.NetworkID][]Gateway{}}
 	for _, k := range keys {
-		sd := shards[k]
-		for _, g := range sd.Gateways {
+		for _, g := range r.shards[k].Gateways {
 			v.Gateways[g.Network] = append(v.Gateways[g.Network], g)
 		}
-		for h, svc := range sd.Services {
-			m := merged[h]
-			if m == nil {
-				m = &MergedService{Hostname: h, Key: svc.Key, VIPs: map[mesh.ClusterID]netip.Addr{}}
-				merged[h] = m
-			}
-			if svc.VIP.IsValid() {
-				m.VIPs[k.Cluster] = svc.VIP
-			}
-			for _, p := range svc.Ports {
-				if !slices.ContainsFunc(m.Ports, func(q ServicePort) bool { return q.Port == p.Port }) {
-					m.Ports = append(m.Ports, p)
-				}
-			}
-		}
 	}
-	for _, k := range keys {
-		for h, eps := range shards[k].Endpoints {
-			if m := merged[h]; m != nil {
-				m.Endpoints = append(m.Endpoints, eps...)
-			}
-		}
-	}
-	for _, m := range merged {
-		slices.SortFunc(m.Ports, func(a, b ServicePort) int { return cmp.Compare(a.Port, b.Port) })
-		slices.SortFunc(m.Endpoints, func(a, b mesh.Endpoint) int {
-			return cmp.Or(cmp.Compare(a.Cluster, b.Cluster), a.Address.Compare(b.Address))
-		})
-		v.Services = append(v.Services, m)
-	}
-	slices.SortFunc(v.Services, func(a, b *MergedService) int { return cmp.Compare(a.Hostname, b.Hostname) })
 	for n, gws := range v.Gateways {
 		slices.SortFunc(gws, func(a, b Gateway) int { return cmp.Or(a.Address.Compare(b.Address), cmp.Compare(a.Port, b.Port)) })
 		v.Gateways[n] = slices.CompactFunc(gws, func(a, b Gateway) bool { return a.Address == b.Address && a.Port == b.Port })
 	}
+	for host, gen := range r.gens {
+		if m := r.merged[host]; m != nil && m.Gen == gen {
+			v.Services = append(v.Services, m)
+			continue
+		}
+		m := r.mergeLocked(host, gen, keys)
+		if m == nil {
+			delete(r.merged, host)
+			delete(r.gens, host) // gone from every shard
+			continue
+		}
+		r.merged[host] = m
+		v.Services = append(v.Services, m)
+	}
+	slices.SortFunc(v.Services, func(a, b *MergedService) int { return cmp.Compare(a.Hostname, b.Hostname) })
 	return v
+}
+
+// mergeLocked merges one hostname across shards (in cluster order), or returns nil when no
+// shard defines a Service for it.
+func (r *Registry) mergeLocked(host mesh.Hostname, gen uint64, keys []ShardKey) *MergedService {
+	var m *MergedService
+	for _, k := range keys {
+		svc := r.shards[k].Services[host]
+		if svc == nil {
+			continue
+		}
+		if m == nil {
+			m = &MergedService{Gen: gen, Hostname: host, Key: svc.Key, VIPs: map[mesh.ClusterID]netip.Addr{}}
+		}
+		if svc.VIP.IsValid() {
+			m.VIPs[k.Cluster] = svc.VIP
+		}
+		for _, p := range svc.Ports {
+			if !slices.ContainsFunc(m.Ports, func(q ServicePort) bool { return q.Port == p.Port }) {
+				m.Ports = append(m.Ports, p)
+			}
+		}
+	}
+	if m == nil {
+		return nil
+	}
+	for _, k := range keys {
+		m.Endpoints = append(m.Endpoints, r.shards[k].Endpoints[host]...)
+	}
+	slices.SortFunc(m.Ports, func(a, b ServicePort) int { return cmp.Compare(a.Port, b.Port) })
+	slices.SortFunc(m.Endpoints, func(a, b mesh.Endpoint) int {
+		return cmp.Or(cmp.Compare(a.Cluster, b.Cluster), a.Address.Compare(b.Address))
+	})
+	return m
 }
 
 // EndpointCount returns how many endpoints a shard holds.

@@ -43,29 +43,52 @@ type Resources map[resource.Type][]types.Resource
 // BuildResources translates a registry view into the resources of one proxy view. It is a
 // pure function: the same view and key always give the same resources, in a stable order.
 func BuildResources(v *View, key ViewKey) (Resources, error) {
+	return NewBuilder().Build(v, key)
+}
+
+// Builder builds views like BuildResources, remembering each service's resources per view
+// so that a push rebuilds (and the cache re-marshals) only services whose generation
+// changed. Not safe for concurrent use.
+type Builder struct {
+	memo map[ViewKey]map[mesh.Hostname]*serviceResources
+}
+
+// NewBuilder returns an empty builder.
+func NewBuilder() *Builder { return &Builder{memo: map[ViewKey]map[mesh.Hostname]*serviceResources{}} }
+
+// serviceResources are one service's resources in one view.
+type serviceResources struct {
+	gen, gwGen uint64
+	clusters   []types.Resource
+	endpoints  []types.Resource
+	listeners  []types.Resource
+	vhosts     map[uint16]*route.VirtualHost // sidecar routes by port
+}
+
+// Build returns the resources of view key for v.
+func (b *Builder) Build(v *View, key ViewKey) (Resources, error) {
+	old := b.memo[key]
+	next := make(map[mesh.Hostname]*serviceResources, len(v.Services))
 	res := Resources{}
-	localOnly := key.Kind == ProxyGateway
 	routesByPort := map[uint16][]*route.VirtualHost{}
 	for _, svc := range v.Services {
-		for _, p := range svc.Ports {
-			name := ClusterName(p.Port, "", svc.Hostname)
-			res[resource.ClusterType] = append(res[resource.ClusterType], edsCluster(name))
-			res[resource.EndpointType] = append(res[resource.EndpointType],
-				loadAssignment(name, splitHorizon(svc.Endpoints, p.Name, key.Network, v.Gateways, localOnly)))
-			switch key.Kind {
-			case ProxyGRPC:
-				l, err := grpcListener(svc.Hostname, p.Port, name)
-				if err != nil {
-					return nil, err
-				}
-				res[resource.ListenerType] = append(res[resource.ListenerType], l)
-			case ProxySidecar:
-				if isHTTP(p.Protocol) {
-					routesByPort[p.Port] = append(routesByPort[p.Port], virtualHost(svc.Hostname, p.Port, name))
-				}
+		sr := old[svc.Hostname]
+		if sr == nil || sr.gen != svc.Gen || sr.gwGen != v.GatewaysGen {
+			var err error
+			if sr, err = buildService(svc, key, v.Gateways); err != nil {
+				return nil, err
 			}
+			sr.gen, sr.gwGen = svc.Gen, v.GatewaysGen
+		}
+		next[svc.Hostname] = sr
+		res[resource.ClusterType] = append(res[resource.ClusterType], sr.clusters...)
+		res[resource.EndpointType] = append(res[resource.EndpointType], sr.endpoints...)
+		res[resource.ListenerType] = append(res[resource.ListenerType], sr.listeners...)
+		for port, vh := range sr.vhosts {
+			routesByPort[port] = append(routesByPort[port], vh)
 		}
 	}
+	b.memo[key] = next
 	ports := make([]uint16, 0, len(routesByPort))
 	for port := range routesByPort {
 		ports = append(ports, port)
@@ -81,6 +104,33 @@ func BuildResources(v *View, key ViewKey) (Resources, error) {
 		res[resource.ListenerType] = append(res[resource.ListenerType], l)
 	}
 	return res, nil
+}
+
+// buildService makes one service's resources for one view.
+func buildService(svc *MergedService, key ViewKey, gateways map[mesh.NetworkID][]Gateway) (*serviceResources, error) {
+	sr := &serviceResources{}
+	localOnly := key.Kind == ProxyGateway
+	for _, p := range svc.Ports {
+		name := ClusterName(p.Port, "", svc.Hostname)
+		sr.clusters = append(sr.clusters, edsCluster(name))
+		sr.endpoints = append(sr.endpoints, loadAssignment(name, splitHorizon(svc.Endpoints, p.Name, key.Network, gateways, localOnly)))
+		switch key.Kind {
+		case ProxyGRPC:
+			l, err := grpcListener(svc.Hostname, p.Port, name)
+			if err != nil {
+				return nil, err
+			}
+			sr.listeners = append(sr.listeners, l)
+		case ProxySidecar:
+			if isHTTP(p.Protocol) {
+				if sr.vhosts == nil {
+					sr.vhosts = map[uint16]*route.VirtualHost{}
+				}
+				sr.vhosts[p.Port] = virtualHost(svc.Hostname, p.Port, name)
+			}
+		}
+	}
+	return sr, nil
 }
 
 // Validate runs every resource's own proto validation (the checks Envoy applies).

@@ -12,6 +12,7 @@ import (
 
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"google.golang.org/protobuf/proto"
@@ -41,7 +42,8 @@ type viewCache struct {
 
 // viewState is one view's resources and the watches waiting on it.
 type viewState struct {
-	types  map[string]*typeResources // by type URL
+	types  map[string]*typeResources      // by type URL
+	byRes  map[types.Resource]*marshalled // the same, by resource value, for reuse
 	sotw   map[int64]*sotwWatch
 	deltas map[int64]*deltaWatch
 }
@@ -79,22 +81,28 @@ func newViewCache(onNewView func(ViewKey)) *viewCache {
 	return &viewCache{views: map[ViewKey]*viewState{}, onNewView: onNewView}
 }
 
-// marshalResources marshals each resource once, deterministically.
-func marshalResources(res Resources) (map[string]*typeResources, error) {
+// marshalResources marshals each resource once, deterministically. A resource that is the
+// very same value as in prev (the builder reuses unchanged services' resources) is not
+// marshalled again.
+func marshalResources(res Resources, prev map[types.Resource]*marshalled) (map[string]*typeResources, map[types.Resource]*marshalled, error) {
 	out := make(map[string]*typeResources, len(res))
+	seen := make(map[types.Resource]*marshalled, len(prev))
 	opts := proto.MarshalOptions{Deterministic: true}
 	for typ, list := range res {
 		tr := &typeResources{byName: make(map[string]*marshalled, len(list))}
 		h := sha256.New()
 		for _, r := range list {
-			b, err := opts.Marshal(r)
-			if err != nil {
-				return nil, fmt.Errorf("primary: marshal %s: %w", cache.GetResourceName(r), err)
+			m := prev[r]
+			if m == nil {
+				b, err := opts.Marshal(r)
+				if err != nil {
+					return nil, nil, fmt.Errorf("primary: marshal %s: %w", cache.GetResourceName(r), err)
+				}
+				sum := sha256.Sum256(b)
+				m = &marshalled{name: cache.GetResourceName(r), version: hex.EncodeToString(sum[:8]), any: &anypb.Any{TypeUrl: typ, Value: b}}
 			}
-			sum := sha256.Sum256(b)
-			name := cache.GetResourceName(r)
-			m := &marshalled{name: name, version: hex.EncodeToString(sum[:8]), any: &anypb.Any{TypeUrl: typ, Value: b}}
-			tr.byName[name] = m
+			seen[r] = m
+			tr.byName[m.name] = m
 		}
 		names := make([]string, 0, len(tr.byName))
 		for n := range tr.byName {
@@ -108,7 +116,7 @@ func marshalResources(res Resources) (map[string]*typeResources, error) {
 		tr.all = hex.EncodeToString(h.Sum(nil)[:8])
 		out[typ] = tr
 	}
-	return out, nil
+	return out, seen, nil
 }
 
 func (c *viewCache) stateLocked(key ViewKey) *viewState {
@@ -139,7 +147,14 @@ func viewKeyOf(n *core.Node) (ViewKey, error) {
 
 // SetView replaces a view's resources and answers every watch whose resources changed.
 func (c *viewCache) SetView(key ViewKey, res Resources) error {
-	types, err := marshalResources(res)
+	c.mu.Lock()
+	var prev map[types.Resource]*marshalled
+	if v := c.views[key]; v != nil {
+		prev = v.byRes
+	}
+	c.mu.Unlock()
+	// Marshal outside the lock; SetView is called by one pusher, so prev cannot change.
+	typesByURL, byRes, err := marshalResources(res, prev)
 	if err != nil {
 		return err
 	}
@@ -152,7 +167,7 @@ func (c *viewCache) SetView(key ViewKey, res Resources) error {
 	var sends []send
 	c.mu.Lock()
 	v := c.stateLocked(key)
-	v.types = types
+	v.types, v.byRes = typesByURL, byRes
 	ids := make([]int64, 0, len(v.sotw)+len(v.deltas))
 	for id := range v.sotw {
 		ids = append(ids, id)

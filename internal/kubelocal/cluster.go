@@ -384,6 +384,9 @@ func (c *Cluster) writeKubeconfigs(pki pkiFiles) error {
 	if err != nil {
 		return err
 	}
+	// client-go's default client-side limit (5 requests/s) would dominate tests and
+	// benchmarks against a private local API server.
+	rc.QPS, rc.Burst = 500, 1000
 	c.rest = rc
 	_, err = write(filepath.Join(c.Dir, "controller-manager.kubeconfig"), "controller-manager", pki.ControllerCert, pki.ControllerKey)
 	return err

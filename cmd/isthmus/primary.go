@@ -26,9 +26,9 @@ import (
 func newPrimaryCommand() *cobra.Command {
 	var (
 		kubeconfig, kubeContext, clusterID, network, trustDomain, logLevel string
-		xdsAddr, httpAddr                                                 string
-		cidrs, gateways                                                   []string
-		cfg                                                               primary.Config
+		xdsAddr, httpAddr                                                  string
+		cidrs, gateways                                                    []string
+		cfg                                                                primary.Config
 	)
 	cmd := &cobra.Command{
 		Use:   "primary",
@@ -199,4 +199,3 @@ func runPrimary(ctx context.Context, p *primary.Primary, reg *prometheus.Registr
 	}
 	return err
 }
-

@@ -1,13 +1,17 @@
-// Package primary is the Isthmus control plane: one watcher per cluster (the local config
-// cluster and every remote cluster it holds credentials for) feeds a registry of services
-// merged by hostname, a pure snapshot builder turns the registry into per-proxy xDS
-// resources with split-horizon endpoints, and an xDS server pushes them to Envoy, proxyless
-// gRPC clients and the east-west gateway.
+// Package primary is the Isthmus control plane.
 //
-// Status: not yet built (issue "primary: discover services and endpoints across clusters").
-// The package exists so that the layout, and the import rules in internal/imports, hold
-// from the start.
+// One clusterWatcher per cluster (the local config cluster, every cluster named in a
+// remote secret, every file of a kubeconfig directory) keeps a Registry shard current from
+// client-go informers. The Registry merges shards by hostname into immutable Views,
+// re-merging only hostnames that changed. A Builder turns a View into the xDS resources of
+// one proxy view (proxyless gRPC, Envoy sidecar or gateway, on one network), with
+// split-horizon endpoints; it is a pure function memoised per service. The viewCache
+// serves those resources through go-control-plane's ADS server (state of the world and
+// delta), marshalling each resource once for every proxy of a view.
 //
-// primary may import mesh, remote, trust and internal packages; it must not import deploy,
-// scenarios or cmd.
+// Link health: each cluster is probed; an unreachable cluster keeps its endpoints for
+// Config.StaleWindow, then loses them, and gets them back when it answers again (see
+// docs/primary.md for the policy and why).
+//
+// primary imports mesh, remote and client-go; it must not import deploy, scenarios or cmd.
 package primary

@@ -188,12 +188,13 @@ func (c *Clusters) removeLocked(id mesh.ClusterID, e *clusterEntry) {
 	st := e.active.Status()
 	st.State, st.Since, st.Services, st.Endpoints = StateRemoved, time.Now(), 0, 0
 	c.removed[id] = st
+	active, pending := e.active, e.pending
 	go func() {
-		if e.pending != nil {
-			e.pending.stop()
+		if pending != nil {
+			pending.stop()
 		}
-		e.active.stop()
-		c.reg.ReplaceShard(e.active.shard, nil)
+		active.stop()
+		c.reg.ReplaceShard(active.shard, nil)
 	}()
 }
 
@@ -213,11 +214,17 @@ func (c *Clusters) stopAll() {
 
 // Statuses returns every cluster's status, sorted by ID then source.
 func (c *Clusters) Statuses() []ClusterStatus {
+	type snap struct {
+		w       *clusterWatcher
+		local   bool
+		pending bool
+		pendErr string
+	}
 	c.mu.Lock()
 	var out []ClusterStatus
-	entries := make([]*clusterEntry, 0, len(c.entries))
+	snaps := make([]snap, 0, len(c.entries))
 	for _, e := range c.entries {
-		entries = append(entries, e)
+		snaps = append(snaps, snap{w: e.active, local: e.source == "local", pending: e.pending != nil, pendErr: e.pendErr})
 	}
 	for _, s := range c.refused {
 		out = append(out, s)
@@ -225,18 +232,12 @@ func (c *Clusters) Statuses() []ClusterStatus {
 	for _, s := range c.removed {
 		out = append(out, s)
 	}
-	pendErrs := map[*clusterEntry]string{}
-	pending := map[*clusterEntry]bool{}
-	for _, e := range entries {
-		pendErrs[e] = e.pendErr
-		pending[e] = e.pending != nil
-	}
 	c.mu.Unlock()
-	for _, e := range entries {
-		s := e.active.Status()
-		s.Rotating, s.PendingErr = pending[e], pendErrs[e]
-		if e.source != "local" {
-			s.Credential = hex.EncodeToString(e.active.credHash[:4])
+	for _, sn := range snaps {
+		s := sn.w.Status()
+		s.Rotating, s.PendingErr = sn.pending, sn.pendErr
+		if !sn.local {
+			s.Credential = hex.EncodeToString(sn.w.credHash[:4])
 		}
 		out = append(out, s)
 	}

@@ -1,6 +1,11 @@
-// Package trust is the certificate authority layer: roots and per-cluster intermediates,
-// the Istio-compatible CSR service, delivery to workloads, SPIFFE trust bundles and root
-// rotation.
+// Package trust is the certificate authority layer: roots and name-constrained
+// per-cluster intermediates in Istio's plug-in CA layout, and the CA server that
+// implements Istio's CSR API (istio.v1.auth.IstioCertificateService) with
+// service-account-token authentication by TokenReview in the caller's own cluster.
 //
-// Status: not yet built (issue "trust"). Imported by primary and cmd.
+// Built so far: Authority (NewRoot, NewIntermediate, ParsePlugged, LoadDir, WriteDir),
+// Sign, and Server. Still to come (see docs/trust.md): delivery to workloads (SDS, files),
+// SPIFFE trust bundles and the bundle endpoint, root rotation, and cert-manager as signer.
+//
+// Imported by primary and cmd; it must not import primary.
 package trust

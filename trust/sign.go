@@ -1,0 +1,146 @@
+package trust
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"net/url"
+	"time"
+
+	"github.com/isthmus-mesh/isthmus/mesh"
+)
+
+// ErrBadCSR is wrapped by every refusal of a malformed or unacceptable CSR.
+var ErrBadCSR = errors.New("trust: bad certificate signing request")
+
+// ErrWrongIdentity is wrapped when a CSR asks for an identity other than the caller's.
+var ErrWrongIdentity = errors.New("trust: CSR asks for an identity that is not the caller's")
+
+// ParseCSR decodes one PEM "CERTIFICATE REQUEST" and checks its signature.
+func ParseCSR(data []byte) (*x509.CertificateRequest, error) {
+	block, rest := pem.Decode(data)
+	if block == nil {
+		return nil, fmt.Errorf("%w: no PEM block", ErrBadCSR)
+	}
+	if block.Type != "CERTIFICATE REQUEST" && block.Type != "NEW CERTIFICATE REQUEST" {
+		return nil, fmt.Errorf("%w: PEM block is %q, want CERTIFICATE REQUEST", ErrBadCSR, block.Type)
+	}
+	if len(pemRest(rest)) > 0 {
+		return nil, fmt.Errorf("%w: more than one PEM block", ErrBadCSR)
+	}
+	csr, err := x509.ParseCertificateRequest(block.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrBadCSR, err)
+	}
+	if err := csr.CheckSignature(); err != nil {
+		return nil, fmt.Errorf("%w: signature: %v", ErrBadCSR, err)
+	}
+	return csr, nil
+}
+
+func pemRest(b []byte) []byte {
+	for len(b) > 0 && (b[0] == '\n' || b[0] == '\r' || b[0] == ' ' || b[0] == '\t') {
+		b = b[1:]
+	}
+	return b
+}
+
+// checkCSRIdentity allows a CSR only if it asks for exactly id (or for nothing, in which
+// case the CA fills id in) and for no other kind of name.
+func checkCSRIdentity(csr *x509.CertificateRequest, id mesh.Identity) error {
+	if len(csr.DNSNames) > 0 || len(csr.EmailAddresses) > 0 || len(csr.IPAddresses) > 0 {
+		return fmt.Errorf("%w: workload certificates carry only a SPIFFE URI (CSR asks for DNS, e-mail or IP names)", ErrWrongIdentity)
+	}
+	for _, u := range csr.URIs {
+		if u.String() != id.String() {
+			return fmt.Errorf("%w: CSR asks for %s, caller is %s", ErrWrongIdentity, u, id)
+		}
+	}
+	return nil
+}
+
+// Sign issues a leaf for id with the CSR's public key, valid for ttl (cut to the
+// authority's own expiry), and returns the chain leaf first, root last, in PEM. The CSR
+// must ask for id or for no name at all.
+func (a *Authority) Sign(csr *x509.CertificateRequest, id mesh.Identity, ttl time.Duration) ([]string, error) {
+	if id.TrustDomain != a.TrustDomain {
+		return nil, fmt.Errorf("%w: %s is outside this CA's trust domain %s", ErrWrongIdentity, id, a.TrustDomain)
+	}
+	if err := checkCSRIdentity(csr, id); err != nil {
+		return nil, err
+	}
+	if ttl <= 0 {
+		return nil, fmt.Errorf("%w: validity must be positive", ErrBadCSR)
+	}
+	u, err := url.Parse(id.String())
+	if err != nil {
+		return nil, fmt.Errorf("trust: identity %s: %w", id, err)
+	}
+	sn, err := serialNumber()
+	if err != nil {
+		return nil, err
+	}
+	now := time.Now().Add(-time.Minute)
+	notAfter := now.Add(ttl)
+	if notAfter.After(a.Cert.NotAfter) {
+		notAfter = a.Cert.NotAfter
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: sn,
+		NotBefore:    now,
+		NotAfter:     notAfter,
+		KeyUsage:     x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		URIs:         []*url.URL{u},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, a.Cert, csr.PublicKey, a.Key)
+	if err != nil {
+		return nil, fmt.Errorf("trust: sign for %s: %w", id, err)
+	}
+	chain := []string{string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}))}
+	chain = append(chain, string(certPEM(a.Cert))) // the root itself when a is a root
+	for _, c := range a.Chain {
+		chain = append(chain, string(certPEM(c)))
+	}
+	return chain, nil
+}
+
+// IssueServing issues a TLS server certificate for the CA's own endpoints (for example
+// istiod.istio-system.svc on port 15012), with DNS names. Workload CSRs never get DNS
+// names; this is for the control plane only.
+func (a *Authority) IssueServing(dnsNames []string, ttl time.Duration) (certPEMs [][]byte, key *ecdsa.PrivateKey, err error) {
+	key, err = ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, err
+	}
+	sn, err := serialNumber()
+	if err != nil {
+		return nil, nil, err
+	}
+	now := time.Now().Add(-time.Minute)
+	notAfter := now.Add(ttl)
+	if notAfter.After(a.Cert.NotAfter) {
+		notAfter = a.Cert.NotAfter
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: sn, NotBefore: now, NotAfter: notAfter, DNSNames: dnsNames,
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, a.Cert, key.Public(), a.Key)
+	if err != nil {
+		return nil, nil, fmt.Errorf("trust: issue serving certificate: %w", err)
+	}
+	certPEMs = append(certPEMs, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}))
+	if a.Cert != a.Root {
+		certPEMs = append(certPEMs, certPEM(a.Cert))
+		for _, c := range a.Chain[:len(a.Chain)-1] { // not the root
+			certPEMs = append(certPEMs, certPEM(c))
+		}
+	}
+	return certPEMs, key, nil
+}

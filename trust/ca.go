@@ -336,4 +336,3 @@ func publicKeysEqual(a, b crypto.PublicKey) bool {
 
 // RootPEM returns the root certificate in PEM.
 func (a *Authority) RootPEM() []byte { return certPEM(a.Root) }
-

@@ -297,4 +297,3 @@ func tokenExpiry(token string) (time.Time, bool) {
 	}
 	return time.Unix(claims.Exp, 0), true
 }
-

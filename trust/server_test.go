@@ -276,4 +276,3 @@ func TestRefusals(t *testing.T) {
 		t.Fatal("refusals are not counted in isthmus_trust_csr_refused_total")
 	}
 }
-

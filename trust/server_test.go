@@ -42,6 +42,7 @@ var env struct {
 	ca      *trust.Authority
 	addr    string
 	metrics *prometheus.Registry
+	server  *trust.Server
 }
 
 func TestMain(m *testing.M) {
@@ -86,6 +87,7 @@ func setup(c *kubelocal.Cluster) (func(), error) {
 	if err != nil {
 		return nil, err
 	}
+	env.server = srv
 	certs, key, err := env.ca.IssueServing([]string{"istiod.istio-system.svc"}, time.Hour)
 	if err != nil {
 		return nil, err

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"math/big"
+	"net/url"
 	"os"
 	"path/filepath"
 	"time"
@@ -72,7 +73,12 @@ func NewRoot(td mesh.TrustDomain, o RootOptions) (*Authority, error) {
 		return nil, err
 	}
 	now := time.Now().Add(-5 * time.Minute) // tolerate clock skew between clusters
+	tdURI, err := url.Parse(td.IDString())
+	if err != nil {
+		return nil, err
+	}
 	tmpl := &x509.Certificate{
+		URIs:                  []*url.URL{tdURI}, // names the trust domain the root anchors
 		SerialNumber:          sn,
 		Subject:               pkix.Name{Organization: []string{o.Organization}, CommonName: "Isthmus root CA for " + string(td)},
 		NotBefore:             now,
@@ -80,7 +86,6 @@ func NewRoot(td mesh.TrustDomain, o RootOptions) (*Authority, error) {
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
 		BasicConstraintsValid: true,
 		IsCA:                  true,
-		URIs:                  nil,
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
 	if err != nil {
@@ -209,7 +214,7 @@ func LoadDir(dir string) (*Authority, error) {
 // ParsePlugged builds an Authority from plug-in CA files (as in Secret cacerts): it checks
 // that the key matches the certificate, that the certificate is a CA, and that the chain
 // verifies to the root. The trust domain is taken from the certificate's permitted URI
-// domain (Isthmus intermediates), else "cluster.local".
+// domain (Isthmus intermediates) or a root's spiffe://<td> URI, else "cluster.local".
 func ParsePlugged(files map[string][]byte) (*Authority, error) {
 	certs, err := parseCerts(files[CACertFile])
 	if err != nil || len(certs) != 1 {
@@ -254,6 +259,10 @@ func ParsePlugged(files map[string][]byte) (*Authority, error) {
 	}
 	if len(cert.PermittedURIDomains) == 1 {
 		if td, err := mesh.ParseTrustDomain(cert.PermittedURIDomains[0]); err == nil {
+			a.TrustDomain = td
+		}
+	} else if len(cert.URIs) == 1 && cert.URIs[0].Scheme == "spiffe" && cert.URIs[0].Path == "" {
+		if td, err := mesh.ParseTrustDomain(cert.URIs[0].Host); err == nil {
 			a.TrustDomain = td
 		}
 	}

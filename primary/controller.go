@@ -338,3 +338,14 @@ func (c *Clusters) scanDir(dir string) error {
 	c.reconcileSource("dir "+dir, creds)
 	return nil
 }
+
+// client returns the client of the active watcher of cluster id.
+func (c *Clusters) client(id mesh.ClusterID) (kubernetes.Interface, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e := c.entries[id]
+	if e == nil {
+		return nil, false
+	}
+	return e.active.client, true
+}

@@ -324,3 +324,10 @@ func (p *Primary) Ready() bool {
 	p.mu.Unlock()
 	return first && p.clusters.Ready()
 }
+
+// Client returns a client for a watched cluster (the local one or a linked remote), for
+// components that act on the caller's own cluster, such as the CA's TokenReviews. It
+// satisfies trust.ClusterClients.
+func (p *Primary) Client(cluster mesh.ClusterID) (kubernetes.Interface, bool) {
+	return p.clusters.client(cluster)
+}

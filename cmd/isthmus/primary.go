@@ -1,7 +1,11 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -16,17 +20,19 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/isthmus-mesh/isthmus/mesh"
 	"github.com/isthmus-mesh/isthmus/primary"
+	"github.com/isthmus-mesh/isthmus/trust"
 )
 
 func newPrimaryCommand() *cobra.Command {
 	var (
 		kubeconfig, kubeContext, clusterID, network, trustDomain, logLevel string
-		xdsAddr, httpAddr                                                  string
+		xdsAddr, httpAddr, caDir, caAddr                                   string
 		cidrs, gateways                                                    []string
 		cfg                                                                primary.Config
 	)
@@ -86,7 +92,13 @@ Endpoints:
 			if err != nil {
 				return err
 			}
-			return runPrimary(cmd.Context(), p, reg, xdsAddr, httpAddr, cfg.Log)
+			var ca *grpc.Server
+			if caDir != "" {
+				if ca, err = newCAServer(p, cfg, caDir, reg); err != nil {
+					return err
+				}
+			}
+			return runPrimary(cmd.Context(), p, reg, xdsAddr, httpAddr, ca, caAddr, cfg.Log)
 		},
 	}
 	f := cmd.Flags()
@@ -109,6 +121,8 @@ Endpoints:
 	f.BoolVar(&cfg.KubeconfigPolicy.AllowExec, "allow-exec-kubeconfigs", false, "accept remote kubeconfigs with exec credential plugins (runs commands on this host)")
 	f.BoolVar(&cfg.KubeconfigPolicy.AllowAuthProvider, "allow-auth-provider-kubeconfigs", false, "accept remote kubeconfigs with auth-provider plugins")
 	f.BoolVar(&cfg.KubeconfigPolicy.AllowFiles, "allow-file-kubeconfigs", false, "accept remote kubeconfigs that reference files on this host")
+	f.StringVar(&caDir, "ca-dir", "", "plug-in CA directory (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem); serves Istio's CSR API when set")
+	f.StringVar(&caAddr, "ca-address", ":15012", "address of the CA (CSR API) gRPC server, TLS")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	cmd.MarkFlagRequired("cluster-id")
 	return cmd
@@ -156,7 +170,40 @@ func parseGateways(in []string) ([]primary.Gateway, error) {
 
 // runPrimary serves xDS and HTTP and runs the primary until ctx ends, then shuts down:
 // listeners first, then in-flight work.
-func runPrimary(ctx context.Context, p *primary.Primary, reg *prometheus.Registry, xdsAddr, httpAddr string, log *slog.Logger) error {
+// newCAServer builds the CSR API server: the plug-in CA from dir, a TLS serving
+// certificate it issues for the control plane's names, and TokenReviews through the
+// primary's cluster clients (so callers from linked remote clusters are authenticated in
+// their own cluster).
+func newCAServer(p *primary.Primary, cfg primary.Config, dir string, reg *prometheus.Registry) (*grpc.Server, error) {
+	auth, err := trust.LoadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("--ca-dir: %w", err)
+	}
+	srv, err := trust.NewServer(trust.ServerConfig{Authority: auth, Clusters: p, LocalCluster: cfg.ClusterID, Log: cfg.Log, Metrics: reg})
+	if err != nil {
+		return nil, err
+	}
+	names := []string{"istiod." + cfg.Namespace + ".svc", "istiod." + cfg.Namespace + ".svc." + cfg.Domain, "isthmus-primary." + cfg.Namespace + ".svc", "localhost"}
+	certs, key, err := auth.IssueServing(names, 365*24*time.Hour)
+	if err != nil {
+		return nil, err
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return nil, err
+	}
+	tc, err := tls.X509KeyPair(bytes.Join(certs, nil), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}))
+	if err != nil {
+		return nil, err
+	}
+	// Client certificates are requested, not required: renewals present one, first
+	// requests authenticate with a token instead.
+	g := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{tc}, ClientAuth: tls.RequestClientCert, MinVersion: tls.VersionTLS12})))
+	srv.Register(g)
+	return g, nil
+}
+
+func runPrimary(ctx context.Context, p *primary.Primary, reg *prometheus.Registry, xdsAddr, httpAddr string, ca *grpc.Server, caAddr string, log *slog.Logger) error {
 	xl, err := net.Listen("tcp", xdsAddr)
 	if err != nil {
 		return fmt.Errorf("xDS listener: %w", err)
@@ -166,8 +213,20 @@ func runPrimary(ctx context.Context, p *primary.Primary, reg *prometheus.Registr
 		xl.Close()
 		return fmt.Errorf("HTTP listener: %w", err)
 	}
+	var cl net.Listener
+	if ca != nil {
+		if cl, err = net.Listen("tcp", caAddr); err != nil {
+			xl.Close()
+			hl.Close()
+			return fmt.Errorf("CA listener: %w", err)
+		}
+		log.Info("CA serving", "address", cl.Addr().String())
+	}
 	log.Info("primary serving", "xds", xl.Addr().String(), "http", hl.Addr().String())
 	g, ctx := errgroup.WithContext(ctx)
+	if ca != nil {
+		g.Go(func() error { return ca.Serve(cl) })
+	}
 	gs := grpc.NewServer()
 	p.RegisterXDS(ctx, gs)
 	hs := &http.Server{Handler: p.Handler(reg), ReadHeaderTimeout: 10 * time.Second}
@@ -184,12 +243,18 @@ func runPrimary(ctx context.Context, p *primary.Primary, reg *prometheus.Registr
 		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		hs.Shutdown(sctx)
-		done := make(chan struct{})
-		go func() { gs.GracefulStop(); close(done) }()
-		select {
-		case <-done:
-		case <-sctx.Done():
-			gs.Stop()
+		servers := []*grpc.Server{gs}
+		if ca != nil {
+			servers = append(servers, ca)
+		}
+		for _, s := range servers {
+			done := make(chan struct{})
+			go func() { s.GracefulStop(); close(done) }()
+			select {
+			case <-done:
+			case <-sctx.Done():
+				s.Stop()
+			}
 		}
 		return nil
 	})

@@ -2,7 +2,13 @@ package main
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
+	"encoding/pem"
 	"net"
 	"os"
 	"os/exec"
@@ -12,12 +18,18 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/metadata"
+	pb "istio.io/api/security/v1alpha1"
+	authnv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/yaml"
 
 	"github.com/isthmus-mesh/isthmus/internal/kubelocal/kubetest"
 	"github.com/isthmus-mesh/isthmus/primary"
+	"github.com/isthmus-mesh/isthmus/trust"
 )
 
 func freeAddr(t *testing.T) string {
@@ -55,11 +67,22 @@ func TestPrimaryAndStatusCommands(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	httpAddr := freeAddr(t)
+	// A root and this cluster's intermediate, made with the CLI.
+	caDir := filepath.Join(t.TempDir(), "ca")
+	rootDir := filepath.Join(t.TempDir(), "root")
+	if _, stderr, err := run(t, bin, "trust", "init-root", "--out-dir", rootDir); err != nil {
+		t.Fatalf("init-root: %v\n%s", err, stderr)
+	}
+	if _, stderr, err := run(t, bin, "trust", "intermediate", "--root-dir", rootDir, "--cluster", "west", "--out-dir", caDir); err != nil {
+		t.Fatalf("intermediate: %v\n%s", err, stderr)
+	}
+
+	httpAddr, caAddr := freeAddr(t), freeAddr(t)
 	logPath := filepath.Join(t.TempDir(), "primary.log")
 	logf, _ := os.Create(logPath)
 	p := exec.Command(bin, "primary", "--kubeconfig", clusters[0].Kubeconfig, "--cluster-id", "west",
-		"--xds-address", freeAddr(t), "--http-address", httpAddr, "--probe-interval", "1s")
+		"--xds-address", freeAddr(t), "--http-address", httpAddr, "--probe-interval", "1s",
+		"--ca-dir", caDir, "--ca-address", caAddr)
 	p.Stdout, p.Stderr = logf, logf
 	if err := p.Start(); err != nil {
 		t.Fatal(err)
@@ -103,6 +126,42 @@ func TestPrimaryAndStatusCommands(t *testing.T) {
 	if err != nil || !strings.Contains(stdout, "secret istio-system/istio-remote-secret-east") || !strings.Contains(stdout, "ready;") {
 		t.Fatalf("status table: %v\n%s", err, stdout)
 	}
+	// The CA authenticates a workload of the remote cluster "east" in east itself, through
+	// the primary's link, and issues its identity.
+	east, _ := clusters[1].Client()
+	if _, err := east.CoreV1().ServiceAccounts("default").Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "echo"}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	tr, err := east.CoreV1().ServiceAccounts("default").CreateToken(ctx, "echo", &authnv1.TokenRequest{Spec: authnv1.TokenRequestSpec{Audiences: []string{trust.Audience}}}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	root, err := trust.LoadDir(rootDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(root.Cert)
+	conn, err := grpc.NewClient(caAddr, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{RootCAs: pool, ServerName: "localhost"})))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	der, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
+	cctx := metadata.NewOutgoingContext(ctx, metadata.Pairs("authorization", "Bearer "+tr.Status.Token, "clusterid", "east"))
+	resp, err := pb.NewIstioCertificateServiceClient(conn).CreateCertificate(cctx, &pb.IstioCertificateRequest{
+		Csr: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}))})
+	if err != nil {
+		log, _ := os.ReadFile(logPath)
+		t.Fatalf("CSR from a remote cluster's workload: %v\n%s", err, log)
+	}
+	leafBlock, _ := pem.Decode([]byte(resp.CertChain[0]))
+	leaf, _ := x509.ParseCertificate(leafBlock.Bytes)
+	if leaf.URIs[0].String() != "spiffe://cluster.local/ns/default/sa/echo" {
+		t.Fatalf("issued %v", leaf.URIs)
+	}
+
 	if _, stderr, err := run(t, bin, "status", "--primary", freeAddr(t)); err == nil || !strings.Contains(stderr, "is `isthmus primary` running") {
 		t.Fatalf("status against nothing: %v\n%s", err, stderr)
 	}

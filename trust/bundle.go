@@ -28,7 +28,9 @@ type BundleSet struct {
 }
 
 // NewBundleSet returns an empty set.
-func NewBundleSet() *BundleSet { return &BundleSet{bundles: map[mesh.TrustDomain]*spiffebundle.Bundle{}} }
+func NewBundleSet() *BundleSet {
+	return &BundleSet{bundles: map[mesh.TrustDomain]*spiffebundle.Bundle{}}
+}
 
 // LocalBundle returns a's trust domain's bundle: its root, with the given sequence number
 // and refresh hint (how often peers should fetch it).

@@ -22,7 +22,7 @@ unit:
 	$(GO) test -race -short -count=1 $(PKGS)
 
 ## fuzz: run every fuzz target for FUZZTIME
-FUZZPKGS := ./mesh ./remote
+FUZZPKGS := ./mesh ./remote ./eastwest
 fuzz:
 	@for pkg in $(FUZZPKGS); do \
 	  for target in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz'); do \

@@ -253,9 +253,17 @@ func TestConnectionLimitIdleTimeoutAndDrain(t *testing.T) {
 		defer cancel()
 		shut <- f.gw.Shutdown(ctx)
 	}()
-	time.Sleep(50 * time.Millisecond)
-	if _, err := net.DialTimeout("tcp", f.addr, time.Second); err == nil {
-		t.Error("the gateway accepted a connection while draining")
+	refusing := time.Now().Add(5 * time.Second)
+	for {
+		nc, err := net.DialTimeout("tcp", f.addr, time.Second)
+		if err != nil {
+			break // the listener is closed: draining
+		}
+		nc.Close()
+		if time.Now().After(refusing) {
+			t.Fatal("the gateway kept accepting connections while draining")
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 	io.WriteString(c, "still here\n")
 	r := bufio.NewReader(c)

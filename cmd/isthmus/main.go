@@ -50,7 +50,7 @@ Start here:
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newClusterCommand(), newPrimaryCommand(), newRemoteSecretCommand(), newStatusCommand(), newTrustCommand(), newVersionCommand())
+	root.AddCommand(newClusterCommand(), newPrimaryCommand(), newGatewayCommand(), newRemoteSecretCommand(), newStatusCommand(), newTrustCommand(), newVersionCommand())
 	return root
 }
 

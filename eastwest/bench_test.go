@@ -1,0 +1,139 @@
+package eastwest
+
+import (
+	"io"
+	"net"
+	"net/netip"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Reproduce with:
+//
+//	go test ./eastwest -run '^$' -bench . -count 5
+//
+// Each benchmark runs the same client against a backend directly and through the gateway
+// in the same process, so the ratio of the two is the gateway's cost. The client first
+// sends a real ClientHello (the gateway needs one to route), then bulk data; the backend
+// discards the hello and answers as configured.
+
+// sink accepts connections, skips the hello, and either drains (bulk) or echoes one byte
+// per byte received (ping).
+func sink(b *testing.B, helloLen int, echo bool) netip.AddrPort {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				io.ReadFull(c, make([]byte, helloLen))
+				if !echo {
+					io.Copy(io.Discard, c)
+					return
+				}
+				buf := make([]byte, 1)
+				for {
+					if _, err := c.Read(buf); err != nil {
+						return
+					}
+					c.Write(buf)
+				}
+			}()
+		}
+	}()
+	return netip.MustParseAddrPort(l.Addr().String())
+}
+
+func benchTargets(b *testing.B, backend netip.AddrPort) map[string]string {
+	routes := &Table{}
+	routes.Update(map[string][]netip.AddrPort{"outbound|8080||echo.demo.svc.cluster.local": {backend}})
+	gw, err := New(Config{Routes: routes, Metrics: prometheus.NewRegistry()})
+	if err != nil {
+		b.Fatal(err)
+	}
+	l, _ := net.Listen("tcp", "127.0.0.1:0")
+	go gw.Serve(l)
+	b.Cleanup(func() { l.Close() })
+	return map[string]string{"direct": backend.String(), "gateway": l.Addr().String()}
+}
+
+func BenchmarkThroughput(b *testing.B) {
+	hello := clientHello(b, testSNI)
+	targets := benchTargets(b, sink(b, len(hello), false))
+	chunk := make([]byte, 256*1024)
+	for _, name := range []string{"direct", "gateway"} {
+		b.Run(name, func(b *testing.B) {
+			c, err := net.Dial("tcp", targets[name])
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer c.Close()
+			c.Write(hello)
+			b.SetBytes(int64(len(chunk)))
+			for b.Loop() {
+				if _, err := c.Write(chunk); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+func BenchmarkRequestLatency(b *testing.B) {
+	hello := clientHello(b, testSNI)
+	targets := benchTargets(b, sink(b, len(hello), true))
+	for _, name := range []string{"direct", "gateway"} {
+		b.Run(name, func(b *testing.B) {
+			c, err := net.Dial("tcp", targets[name])
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer c.Close()
+			c.Write(hello)
+			buf := []byte{1}
+			var lat []time.Duration
+			for b.Loop() {
+				start := time.Now()
+				c.Write(buf)
+				if _, err := io.ReadFull(c, buf); err != nil {
+					b.Fatal(err)
+				}
+				lat = append(lat, time.Since(start))
+			}
+			slices.Sort(lat)
+			b.ReportMetric(float64(lat[len(lat)/2].Microseconds()), "us-p50")
+			b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds()), "us-p99")
+		})
+	}
+}
+
+func BenchmarkNewConnection(b *testing.B) {
+	hello := clientHello(b, testSNI)
+	targets := benchTargets(b, sink(b, len(hello), true))
+	for _, name := range []string{"direct", "gateway"} {
+		b.Run(name, func(b *testing.B) {
+			buf := []byte{1}
+			for b.Loop() {
+				c, err := net.Dial("tcp", targets[name])
+				if err != nil {
+					b.Fatal(err)
+				}
+				c.Write(append(hello[:len(hello):len(hello)], 1))
+				if _, err := io.ReadFull(c, buf); err != nil {
+					b.Fatal(err)
+				}
+				c.Close()
+			}
+		})
+	}
+}

@@ -14,6 +14,7 @@ import (
 	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	router "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
@@ -110,9 +111,18 @@ func (b *Builder) Build(v *View, key ViewKey) (Resources, error) {
 func buildService(svc *MergedService, key ViewKey, gateways map[mesh.NetworkID][]Gateway) (*serviceResources, error) {
 	sr := &serviceResources{}
 	localOnly := key.Kind == ProxyGateway
+	mtls := key.Kind == ProxyGRPC && slices.ContainsFunc(svc.Endpoints, func(e mesh.Endpoint) bool { return e.MTLSReady })
 	for _, p := range svc.Ports {
 		name := ClusterName(p.Port, "", svc.Hostname)
-		sr.clusters = append(sr.clusters, edsCluster(name))
+		c := edsCluster(name)
+		if mtls {
+			ts, err := grpcUpstreamTLS(sniFor(p.Port, svc.Hostname))
+			if err != nil {
+				return nil, err
+			}
+			c.TransportSocket = ts
+		}
+		sr.clusters = append(sr.clusters, c)
 		sr.endpoints = append(sr.endpoints, loadAssignment(name, splitHorizon(svc.Endpoints, p.Name, key.Network, gateways, localOnly)))
 		switch key.Kind {
 		case ProxyGRPC:
@@ -295,4 +305,38 @@ func sidecarListener(port uint16, routeName string) (*listener.Listener, error) 
 			Filters: []*listener.Filter{{Name: wellknown.HTTPConnectionManager, ConfigType: &listener.Filter_TypedConfig{TypedConfig: a}}},
 		}},
 	}, nil
+}
+
+// Names of the certificate provider instance and certificates a proxyless gRPC client's
+// bootstrap must define (file_watcher provider) for mTLS.
+const (
+	CertProviderInstance = "default"
+	IdentityCertName     = "default"
+	RootCertName         = "ROOTCA"
+)
+
+// sniFor is the server name for a service port across networks,
+// outbound_.<port>_._.<hostname>: east-west gateways route on it.
+func sniFor(port uint16, host mesh.Hostname) string {
+	return "outbound_." + strconv.Itoa(int(port)) + "_._." + string(host)
+}
+
+// grpcUpstreamTLS is the mTLS transport socket of a proxyless gRPC cluster: identity and
+// roots from the bootstrap's certificate provider, and the SNI an east-west gateway routes
+// on (grpc-go sends it when GRPC_EXPERIMENTAL_XDS_SNI=true).
+func grpcUpstreamTLS(sni string) (*core.TransportSocket, error) {
+	ctx := &tlsv3.UpstreamTlsContext{
+		Sni: sni,
+		CommonTlsContext: &tlsv3.CommonTlsContext{
+			TlsCertificateProviderInstance: &tlsv3.CertificateProviderPluginInstance{InstanceName: CertProviderInstance, CertificateName: IdentityCertName},
+			ValidationContextType: &tlsv3.CommonTlsContext_ValidationContext{ValidationContext: &tlsv3.CertificateValidationContext{
+				CaCertificateProviderInstance: &tlsv3.CertificateProviderPluginInstance{InstanceName: CertProviderInstance, CertificateName: RootCertName},
+			}},
+		},
+	}
+	a, err := anypb.New(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return &core.TransportSocket{Name: "envoy.transport_sockets.tls", ConfigType: &core.TransportSocket_TypedConfig{TypedConfig: a}}, nil
 }

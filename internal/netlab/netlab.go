@@ -128,3 +128,38 @@ func ip(args ...string) error {
 	}
 	return nil
 }
+
+// Link connects two namespaces with a veth pair, giving a the address addrA and b the
+// address addrB (prefixes, so the connected route is installed on each side).
+func Link(a, b *Namespace, addrA, addrB netip.Prefix) error {
+	b2 := make([]byte, 3)
+	rand.Read(b2)
+	suffix := hex.EncodeToString(b2)
+	ifA, ifB := "vA"+suffix, "vB"+suffix
+	steps := [][]string{
+		{"link", "add", ifA, "netns", a.Name, "type", "veth", "peer", "name", ifB, "netns", b.Name},
+		{"-n", a.Name, "addr", "add", addrA.String(), "dev", ifA},
+		{"-n", b.Name, "addr", "add", addrB.String(), "dev", ifB},
+		{"-n", a.Name, "link", "set", ifA, "up"},
+		{"-n", b.Name, "link", "set", ifB, "up"},
+	}
+	for _, s := range steps {
+		if err := ip(s...); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Route adds a route in the namespace: dst via gateway.
+func (n *Namespace) Route(dst netip.Prefix, via netip.Addr) error {
+	return ip("-n", n.Name, "route", "add", dst.String(), "via", via.String())
+}
+
+// NoForwarding turns IP forwarding off in the namespace, so that it never routes between
+// its interfaces: only processes inside it can carry traffic across.
+func (n *Namespace) NoForwarding() error {
+	return n.Do(func() error {
+		return os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("0"), 0o644)
+	})
+}

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -33,9 +34,12 @@ func New(prefix string) (*Namespace, error) {
 	if os.Geteuid() != 0 {
 		return nil, ErrNotRoot
 	}
+	sweepOrphans()
 	b := make([]byte, 3)
 	rand.Read(b)
-	name := "isthmus-" + prefix + "-" + hex.EncodeToString(b)
+	// The creator's PID in the name lets a later run delete namespaces whose creator died
+	// without cleaning up (a test binary killed by a timeout, say).
+	name := "isthmus-" + prefix + "-" + strconv.Itoa(os.Getpid()) + "-" + hex.EncodeToString(b)
 	if err := ip("netns", "add", name); err != nil {
 		return nil, err
 	}
@@ -162,4 +166,26 @@ func (n *Namespace) NoForwarding() error {
 	return n.Do(func() error {
 		return os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("0"), 0o644)
 	})
+}
+
+// sweepOrphans deletes isthmus-* namespaces whose creating process no longer exists.
+func sweepOrphans() {
+	entries, err := os.ReadDir("/var/run/netns")
+	if err != nil {
+		return
+	}
+	for _, e := range entries {
+		parts := strings.Split(e.Name(), "-")
+		if len(parts) < 4 || parts[0] != "isthmus" {
+			continue
+		}
+		pid, err := strconv.Atoi(parts[len(parts)-2])
+		if err != nil || pid <= 0 {
+			continue
+		}
+		if _, err := os.Stat("/proc/" + strconv.Itoa(pid)); err == nil {
+			continue // its creator is alive
+		}
+		_ = ip("netns", "del", e.Name())
+	}
 }

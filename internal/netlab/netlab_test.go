@@ -5,7 +5,9 @@ import (
 	"errors"
 	"io"
 	"net/netip"
+	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -58,5 +60,32 @@ func TestNamespaceIsolatesAddresses(t *testing.T) {
 	out, _ := exec.Command("ip", "-o", "addr").Output()
 	if strings.Contains(string(out), "10.123.0.1") {
 		t.Fatal("the namespace address leaked into the host namespace")
+	}
+}
+
+func TestOrphanedNamespacesAreSwept(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create network namespaces (CI runs as root)")
+	}
+	// A PID that is not running stands for a test binary that died without cleaning up.
+	dead := 4000000
+	for ; dead > 1; dead-- {
+		if _, err := os.Stat("/proc/" + strconv.Itoa(dead)); err != nil {
+			break
+		}
+	}
+	orphan := "isthmus-t-" + strconv.Itoa(dead) + "-abcdef"
+	if err := ip("netns", "add", orphan); err != nil {
+		t.Fatal(err)
+	}
+	ns, err := New("t")
+	if err != nil {
+		ip("netns", "del", orphan)
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	if _, err := os.Stat("/var/run/netns/" + orphan); err == nil {
+		ip("netns", "del", orphan)
+		t.Fatal("an orphaned namespace survived New")
 	}
 }

@@ -4,11 +4,14 @@ import (
 	"net/netip"
 	"testing"
 
+	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	endpoint "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/google/go-cmp/cmp"
+	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/isthmus-mesh/isthmus/mesh"
 )
@@ -151,8 +154,11 @@ func TestBuildResourcesValidateForEveryProxyKind(t *testing.T) {
 				}
 			}
 			clusters := res[resource.ClusterType]
-			if len(clusters) != 1 || clusterNameOf(clusters[0]) != "outbound|8080||echo.demo.svc.cluster.local" {
+			if clusterNameOf(clusters[0]) != "outbound|8080||echo.demo.svc.cluster.local" {
 				t.Fatalf("clusters: %v", clusters)
+			}
+			if key.Kind == ProxyGRPC && clusters[0].(*cluster.Cluster).GetTransportSocket() == nil {
+				t.Fatal("a service with mTLS-ready endpoints must get an mTLS transport socket for proxyless clients")
 			}
 			cla := res[resource.EndpointType][0].(*endpoint.ClusterLoadAssignment)
 			for _, loc := range cla.Endpoints {
@@ -181,8 +187,28 @@ func TestBuildResourcesValidateForEveryProxyKind(t *testing.T) {
 					t.Fatalf("sidecar routes/listeners: %v / %v", res[resource.RouteType], res[resource.ListenerType])
 				}
 			case ProxyGateway:
-				if len(res[resource.ListenerType]) != 0 || len(cla.Endpoints) != 1 || len(cla.Endpoints[0].LbEndpoints) != 1 {
+				if len(cla.Endpoints) != 1 || len(cla.Endpoints[0].LbEndpoints) != 1 {
 					t.Fatalf("gateway view: %v", cla)
+				}
+				// The Envoy gateway: TLS inspector, a filter chain per SNI to its sni-dnat cluster.
+				ls := res[resource.ListenerType]
+				if len(ls) != 1 {
+					t.Fatalf("gateway listeners: %v", ls)
+				}
+				l := ls[0].(*listener.Listener)
+				if l.ListenerFilters[0].Name != "envoy.filters.listener.tls_inspector" || len(l.FilterChains) != 1 ||
+					l.FilterChains[0].FilterChainMatch.ServerNames[0] != "outbound_.8080_._.echo.demo.svc.cluster.local" {
+					t.Fatalf("gateway listener: %v", l)
+				}
+				names := map[string]bool{}
+				for _, c := range res[resource.ClusterType] {
+					names[clusterNameOf(c)] = true
+				}
+				if !names["outbound_.8080_._.echo.demo.svc.cluster.local"] {
+					t.Fatalf("no sni-dnat cluster: %v", names)
+				}
+				if err := snap.Consistent(); err != nil {
+					t.Fatal(err)
 				}
 			}
 		})
@@ -192,4 +218,24 @@ func TestBuildResourcesValidateForEveryProxyKind(t *testing.T) {
 func clusterNameOf(r any) string {
 	type named interface{ GetName() string }
 	return r.(named).GetName()
+}
+
+// TestValidateOpensTypedConfigs checks that Validate finds an error hidden in a filter's
+// typed config, which the listener's own ValidateAll does not look into.
+func TestValidateOpensTypedConfigs(t *testing.T) {
+	l, err := gatewayListener([]string{"outbound_.80_._.a.b.svc.cluster.local"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := (Resources{resource.ListenerType: {l}}).Validate(); err != nil {
+		t.Fatal(err)
+	}
+	bad, _ := anypb.New(&tcpproxy.TcpProxy{}) // no stat_prefix, no cluster: invalid
+	l.FilterChains[0].Filters[0].ConfigType = &listener.Filter_TypedConfig{TypedConfig: bad}
+	if err := l.ValidateAll(); err != nil {
+		t.Fatalf("precondition: the listener alone validates (%v)", err)
+	}
+	if err := (Resources{resource.ListenerType: {l}}).Validate(); err == nil {
+		t.Fatal("an invalid TcpProxy inside a filter chain passed Validate")
+	}
 }

@@ -13,12 +13,15 @@ import (
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	router "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
+	tlsinspector "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/tls_inspector/v3"
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/wellknown"
+	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
@@ -64,6 +67,7 @@ type serviceResources struct {
 	endpoints  []types.Resource
 	listeners  []types.Resource
 	vhosts     map[uint16]*route.VirtualHost // sidecar routes by port
+	snis       []string                      // gateway server names (= sni-dnat cluster names)
 }
 
 // Build returns the resources of view key for v.
@@ -90,6 +94,17 @@ func (b *Builder) Build(v *View, key ViewKey) (Resources, error) {
 		}
 	}
 	b.memo[key] = next
+	if key.Kind == ProxyGateway {
+		var snis []string
+		for _, svc := range v.Services {
+			snis = append(snis, next[svc.Hostname].snis...)
+		}
+		l, err := gatewayListener(snis)
+		if err != nil {
+			return nil, err
+		}
+		res[resource.ListenerType] = append(res[resource.ListenerType], l)
+	}
 	ports := make([]uint16, 0, len(routesByPort))
 	for port := range routesByPort {
 		ports = append(ports, port)
@@ -123,7 +138,16 @@ func buildService(svc *MergedService, key ViewKey, gateways map[mesh.NetworkID][
 			c.TransportSocket = ts
 		}
 		sr.clusters = append(sr.clusters, c)
-		sr.endpoints = append(sr.endpoints, loadAssignment(name, splitHorizon(svc.Endpoints, p.Name, key.Network, gateways, localOnly)))
+		local := splitHorizon(svc.Endpoints, p.Name, key.Network, gateways, localOnly)
+		sr.endpoints = append(sr.endpoints, loadAssignment(name, local))
+		if key.Kind == ProxyGateway {
+			// An Envoy-based gateway routes by SNI to an "sni-dnat" cluster named like
+			// the server name itself, with this network's endpoints.
+			sni := sniFor(p.Port, svc.Hostname)
+			sr.clusters = append(sr.clusters, edsCluster(sni))
+			sr.endpoints = append(sr.endpoints, loadAssignment(sni, local))
+			sr.snis = append(sr.snis, sni)
+		}
 		switch key.Kind {
 		case ProxyGRPC:
 			l, err := grpcListener(svc.Hostname, p.Port, name)
@@ -143,18 +167,53 @@ func buildService(svc *MergedService, key ViewKey, gateways map[mesh.NetworkID][
 	return sr, nil
 }
 
-// Validate runs every resource's own proto validation (the checks Envoy applies).
+// Validate runs every resource's own proto validation (the checks Envoy applies),
+// including the typed configs nested in Any fields (filters, transport sockets, the
+// api_listener), which ValidateAll alone does not open.
 func (r Resources) Validate() error {
 	for typ, list := range r {
 		for _, x := range list {
-			if v, ok := x.(interface{ ValidateAll() error }); ok {
-				if err := v.ValidateAll(); err != nil {
-					return fmt.Errorf("primary: invalid %s %q: %w", typ, cache.GetResourceName(x), err)
-				}
+			if err := validateDeep(x.ProtoReflect()); err != nil {
+				return fmt.Errorf("primary: invalid %s %q: %w", typ, cache.GetResourceName(x), err)
 			}
 		}
 	}
 	return nil
+}
+
+// validateDeep validates m and every message inside it, unpacking Any values.
+func validateDeep(m protoreflect.Message) error {
+	if a, ok := m.Interface().(*anypb.Any); ok {
+		inner, err := a.UnmarshalNew()
+		if err != nil {
+			return fmt.Errorf("typed config %s: %w", a.GetTypeUrl(), err)
+		}
+		return validateDeep(inner.ProtoReflect())
+	}
+	if v, ok := m.Interface().(interface{ ValidateAll() error }); ok {
+		if err := v.ValidateAll(); err != nil {
+			return err
+		}
+	}
+	var err error
+	m.Range(func(fd protoreflect.FieldDescriptor, val protoreflect.Value) bool {
+		switch {
+		case fd.IsList() && fd.Kind() == protoreflect.MessageKind:
+			l := val.List()
+			for i := 0; i < l.Len() && err == nil; i++ {
+				err = validateDeep(l.Get(i).Message())
+			}
+		case fd.IsMap() && fd.MapValue().Kind() == protoreflect.MessageKind:
+			val.Map().Range(func(_ protoreflect.MapKey, v protoreflect.Value) bool {
+				err = validateDeep(v.Message())
+				return err == nil
+			})
+		case !fd.IsList() && !fd.IsMap() && fd.Kind() == protoreflect.MessageKind:
+			err = validateDeep(val.Message())
+		}
+		return err == nil
+	})
+	return err
 }
 
 // Snapshot wraps the resources in a go-control-plane snapshot at version.
@@ -339,4 +398,34 @@ func grpcUpstreamTLS(sni string) (*core.TransportSocket, error) {
 		return nil, err
 	}
 	return &core.TransportSocket{Name: "envoy.transport_sockets.tls", ConfigType: &core.TransportSocket_TypedConfig{TypedConfig: a}}, nil
+}
+
+// GatewayPort is where east-west gateways take cross-network mTLS.
+const GatewayPort = 15443
+
+// gatewayListener is the Envoy east-west gateway's listener (AUTO_PASSTHROUGH): the TLS
+// inspector reads the SNI, and one filter chain per server name proxies the still
+// encrypted stream to the sni-dnat cluster of that name. Unknown names match no chain and
+// are closed.
+func gatewayListener(snis []string) (*listener.Listener, error) {
+	insp, err := anypb.New(&tlsinspector.TlsInspector{})
+	if err != nil {
+		return nil, err
+	}
+	l := &listener.Listener{
+		Name:            "0.0.0.0_" + strconv.Itoa(GatewayPort),
+		Address:         socketAddress("0.0.0.0", GatewayPort),
+		ListenerFilters: []*listener.ListenerFilter{{Name: wellknown.TlsInspector, ConfigType: &listener.ListenerFilter_TypedConfig{TypedConfig: insp}}},
+	}
+	for _, sni := range snis {
+		tp, err := anypb.New(&tcpproxy.TcpProxy{StatPrefix: sni, ClusterSpecifier: &tcpproxy.TcpProxy_Cluster{Cluster: sni}})
+		if err != nil {
+			return nil, err
+		}
+		l.FilterChains = append(l.FilterChains, &listener.FilterChain{
+			FilterChainMatch: &listener.FilterChainMatch{ServerNames: []string{sni}, TransportProtocol: "tls"},
+			Filters:          []*listener.Filter{{Name: wellknown.TCPProxy, ConfigType: &listener.Filter_TypedConfig{TypedConfig: tp}}},
+		})
+	}
+	return l, nil
 }

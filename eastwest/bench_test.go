@@ -4,11 +4,13 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"runtime"
 	"slices"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // Reproduce with:
@@ -55,6 +57,11 @@ func sink(b *testing.B, helloLen int, echo bool) netip.AddrPort {
 }
 
 func benchTargets(b *testing.B, backend netip.AddrPort) map[string]string {
+	targets, _ := benchGateway(b, backend)
+	return targets
+}
+
+func benchGateway(b *testing.B, backend netip.AddrPort) (map[string]string, *Gateway) {
 	routes := &Table{}
 	routes.Update(map[string][]netip.AddrPort{"outbound|8080||echo.demo.svc.cluster.local": {backend}})
 	gw, err := New(Config{Routes: routes, Metrics: prometheus.NewRegistry()})
@@ -64,7 +71,7 @@ func benchTargets(b *testing.B, backend netip.AddrPort) map[string]string {
 	l, _ := net.Listen("tcp", "127.0.0.1:0")
 	go gw.Serve(l)
 	b.Cleanup(func() { l.Close() })
-	return map[string]string{"direct": backend.String(), "gateway": l.Addr().String()}
+	return map[string]string{"direct": backend.String(), "gateway": l.Addr().String()}, gw
 }
 
 func BenchmarkThroughput(b *testing.B) {
@@ -136,4 +143,46 @@ func BenchmarkNewConnection(b *testing.B) {
 			}
 		})
 	}
+}
+
+// BenchmarkMemoryPerConnection holds 2,000 idle proxied connections open and reports the
+// gateway process's heap and goroutine stacks per connection (client and backend sockets
+// are in the same process, so their buffers count too: an upper bound).
+func BenchmarkMemoryPerConnection(b *testing.B) {
+	hello := clientHello(b, testSNI)
+	targets, gw := benchGateway(b, sink(b, len(hello), false))
+	const n = 2000
+	for b.Loop() {
+		b.StopTimer()
+		before := heapAndStacks()
+		conns := make([]net.Conn, 0, n)
+		for range n {
+			c, err := net.Dial("tcp", targets["gateway"])
+			if err != nil {
+				b.Fatal(err)
+			}
+			c.Write(hello)
+			conns = append(conns, c)
+		}
+		deadline := time.Now().Add(30 * time.Second)
+		for testutil.ToFloat64(gw.total.WithLabelValues(ResultProxied)) < float64(n) { // every connection in the data path
+			if time.Now().After(deadline) {
+				b.Fatal("connections did not reach the data path")
+			}
+			runtime.Gosched()
+		}
+		after := heapAndStacks()
+		b.ReportMetric(float64(after-before)/n, "B/conn")
+		for _, c := range conns {
+			c.Close()
+		}
+		b.StartTimer()
+	}
+}
+
+func heapAndStacks() uint64 {
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return m.HeapAlloc + m.StackInuse
 }

@@ -61,29 +61,7 @@ const (
 	staleWindow = 3 * time.Second
 )
 
-func TestMain(m *testing.M) {
-	clusters, stop, err := kubetest.StartShared(3, "pr")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "start shared clusters:", err)
-		os.Exit(1)
-	}
-	code := 0
-	if clusters != nil {
-		var cleanup func()
-		cleanup, err = setup(clusters)
-		if err != nil {
-			fmt.Fprintln(os.Stderr, "set up primary:", err)
-			code = 1
-		} else {
-			code = m.Run()
-			cleanup()
-		}
-	} else {
-		code = m.Run()
-	}
-	stop()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { os.Exit(kubetest.Main(m, 3, "pr", setup)) }
 
 func setup(clusters []*kubelocal.Cluster) (func(), error) {
 	pods, err := netlab.New("pods")

@@ -2,7 +2,6 @@ package remote_test
 
 import (
 	"context"
-	"fmt"
 	"net/url"
 	"os"
 	"strings"
@@ -25,15 +24,10 @@ import (
 var shared []*kubelocal.Cluster
 
 func TestMain(m *testing.M) {
-	clusters, stop, err := kubetest.StartShared(2, "rs")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "start shared clusters:", err)
-		os.Exit(1)
-	}
-	shared = clusters
-	code := m.Run()
-	stop()
-	os.Exit(code)
+	os.Exit(kubetest.Main(m, 2, "rs", func(c []*kubelocal.Cluster) (func(), error) {
+		shared = c
+		return func() {}, nil
+	}))
 }
 
 func needClusters(t *testing.T) {

@@ -10,7 +10,6 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
-	"fmt"
 	"net"
 	"net/url"
 	"os"
@@ -45,30 +44,10 @@ var env struct {
 	server  *trust.Server
 }
 
-func TestMain(m *testing.M) {
-	clusters, stop, err := kubetest.StartShared(1, "ca")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	code := 0
-	if clusters != nil {
-		cleanup, err := setup(clusters[0])
-		if err != nil {
-			fmt.Fprintln(os.Stderr, "set up CA:", err)
-			code = 1
-		} else {
-			code = m.Run()
-			cleanup()
-		}
-	} else {
-		code = m.Run()
-	}
-	stop()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { os.Exit(kubetest.Main(m, 1, "ca", setup)) }
 
-func setup(c *kubelocal.Cluster) (func(), error) {
+func setup(clusters []*kubelocal.Cluster) (func(), error) {
+	c := clusters[0]
 	cs, err := c.Client()
 	if err != nil {
 		return nil, err

@@ -39,15 +39,10 @@ func TestMain(m *testing.M) {
 	if f := flag.Lookup("test.run"); f != nil && f.Value.String() == "^$" {
 		os.Exit(m.Run()) // benchmarks only: no shared clusters loading the machine
 	}
-	clusters, stop, err := kubetest.StartShared(3, "kl")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "start shared clusters:", err)
-		os.Exit(1)
-	}
-	shared = clusters
-	code := m.Run()
-	stop()
-	os.Exit(code)
+	os.Exit(kubetest.Main(m, 3, "kl", func(c []*kubelocal.Cluster) (func(), error) {
+		shared = c
+		return func() {}, nil
+	}))
 }
 
 func needClusters(t *testing.T) {

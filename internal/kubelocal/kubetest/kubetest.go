@@ -115,3 +115,28 @@ func StartShared(n int, prefix string) ([]*kubelocal.Cluster, func(), error) {
 func mustPrefix(s string) netip.Prefix {
 	return netip.MustParsePrefix(s)
 }
+
+// Main runs a test binary whose tests share n clusters, from TestMain:
+//
+//	func TestMain(m *testing.M) { os.Exit(kubetest.Main(m, 3, "pr", setup)) }
+//
+// It starts the clusters (none under -short), calls setup with them (if setup is not nil
+// and clusters were started), runs the tests, then undoes setup and stops the clusters. A
+// failure to start or set up is printed and makes the binary fail without running tests.
+func Main(m *testing.M, n int, prefix string, setup func([]*kubelocal.Cluster) (cleanup func(), err error)) int {
+	clusters, stop, err := StartShared(n, prefix)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "kubetest: start shared clusters:", err)
+		return 1
+	}
+	defer stop()
+	if clusters != nil && setup != nil {
+		cleanup, err := setup(clusters)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "kubetest: set up shared environment:", err)
+			return 1
+		}
+		defer cleanup()
+	}
+	return m.Run()
+}

@@ -1,6 +1,6 @@
 # The README's two commands: `make up` (the main job) and `make test` (everything CI runs).
 GO ?= go
-FUZZTIME ?= 5s
+FUZZTIME ?= 20000x
 PKGS := ./...
 
 .PHONY: test check unit integration fuzz up down binaries bench

@@ -103,8 +103,8 @@ func TestMultiNetworkThroughGateway(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 
-	// Networks: n1 (client and network-1 pods), n2 (network-2 pods), gw2 (network-2's
-	// gateway, attached to both; nothing forwards between them).
+	// Networks: n1 and n2 hold each network's pods and clients; gw1 and gw2 hold each
+	// network's gateway, attached to both networks. Nothing forwards between interfaces.
 	n1, err := netlab.New("n1")
 	if errors.Is(err, netlab.ErrNotRoot) {
 		t.Skip("needs root for network namespaces (CI runs as root)")
@@ -117,12 +117,18 @@ func TestMultiNetworkThroughGateway(t *testing.T) {
 	defer n2.Close()
 	gw2ns, _ := netlab.New("gw2")
 	defer gw2ns.Close()
-	gwAddr := netip.MustParseAddr("192.168.12.2")
+	gw1ns, _ := netlab.New("gw1")
+	defer gw1ns.Close()
+	gwAddr := netip.MustParseAddr("192.168.12.2")  // network-2's gateway, as seen from network-1
+	gw1Addr := netip.MustParseAddr("192.168.21.2") // network-1's gateway, as seen from network-2
 	for _, step := range []error{
 		netlab.Link(n1, gw2ns, netip.MustParsePrefix("192.168.12.1/24"), netip.PrefixFrom(gwAddr, 24)),
 		netlab.Link(gw2ns, n2, netip.MustParsePrefix("10.2.255.1/24"), netip.MustParsePrefix("10.2.255.2/24")),
 		gw2ns.Route(netip.MustParsePrefix("10.2.0.0/16"), netip.MustParseAddr("10.2.255.2")),
-		n1.NoForwarding(), n2.NoForwarding(), gw2ns.NoForwarding(),
+		netlab.Link(n2, gw1ns, netip.MustParsePrefix("192.168.21.1/24"), netip.PrefixFrom(gw1Addr, 24)),
+		netlab.Link(gw1ns, n1, netip.MustParsePrefix("10.1.255.1/24"), netip.MustParsePrefix("10.1.255.2/24")),
+		gw1ns.Route(netip.MustParsePrefix("10.1.0.0/16"), netip.MustParseAddr("10.1.255.2")),
+		n1.NoForwarding(), n2.NoForwarding(), gw1ns.NoForwarding(), gw2ns.NoForwarding(),
 	} {
 		if step != nil {
 			t.Fatal(step)
@@ -161,12 +167,14 @@ func TestMultiNetworkThroughGateway(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	// Network-2's gateway, as a Service the primaries discover.
-	if _, err := clients[1].CoreV1().Services("istio-system").Create(ctx, &corev1.Service{
-		ObjectMeta: metav1.ObjectMeta{Name: "eastwestgateway", Namespace: "istio-system", Labels: map[string]string{primary.LabelNetwork: "network-2"}},
-		Spec:       corev1.ServiceSpec{Ports: []corev1.ServicePort{{Name: "tls", Port: 15443}}, ExternalIPs: []string{gwAddr.String()}},
-	}, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
+	// Each network's gateway, as a Service the primaries discover.
+	for i, addr := range []netip.Addr{gw1Addr, gwAddr} {
+		if _, err := clients[i].CoreV1().Services("istio-system").Create(ctx, &corev1.Service{
+			ObjectMeta: metav1.ObjectMeta{Name: "eastwestgateway", Namespace: "istio-system", Labels: map[string]string{primary.LabelNetwork: fmt.Sprintf("network-%d", i+1)}},
+			Spec:       corev1.ServiceSpec{Ports: []corev1.ServicePort{{Name: "tls", Port: 15443}}, ExternalIPs: []string{addr.String()}},
+		}, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
 	}
 
 	// Pods: an mTLS echo server per network, inside its network namespace.
@@ -222,56 +230,69 @@ func TestMultiNetworkThroughGateway(t *testing.T) {
 		xdsAddr[i] = l.Addr().String()
 	}
 
-	// Network-2's gateway: listens on the transit side, dials into network-2, routes from
-	// primary 2 (its own network's view).
-	routes := &eastwest.Table{}
-	conn, _ := grpc.NewClient(xdsAddr[1], grpc.WithTransportCredentials(insecure.NewCredentials()))
-	defer conn.Close()
-	go eastwest.WatchRoutes(ctx, eastwest.XDSConfig{Conn: conn, Network: "network-2", Cluster: mesh.ClusterID(clusters[1].Name)}, routes)
-	startGateway := func() *eastwest.Gateway {
-		gw, err := eastwest.New(eastwest.Config{Routes: routes, Metrics: prometheus.NewRegistry(),
-			Dial: func(ctx context.Context, a netip.AddrPort) (net.Conn, error) { return gw2ns.Dial(ctx, a.String()) }})
+	// A gateway per network: it listens on the side facing the other network, dials into
+	// its own, and takes routes from its own cluster's primary (its network's view).
+	routes := []*eastwest.Table{{}, {}}
+	gwNS := []*netlab.Namespace{gw1ns, gw2ns}
+	gwListen := []netip.Addr{gw1Addr, gwAddr}
+	for i := range 2 {
+		conn, _ := grpc.NewClient(xdsAddr[i], grpc.WithTransportCredentials(insecure.NewCredentials()))
+		defer conn.Close()
+		go eastwest.WatchRoutes(ctx, eastwest.XDSConfig{Conn: conn, Network: mesh.NetworkID(fmt.Sprintf("network-%d", i+1)), Cluster: mesh.ClusterID(clusters[i].Name)}, routes[i])
+	}
+	startGateway := func(i int) *eastwest.Gateway {
+		gw, err := eastwest.New(eastwest.Config{Routes: routes[i], Metrics: prometheus.NewRegistry(),
+			Dial: func(ctx context.Context, a netip.AddrPort) (net.Conn, error) { return gwNS[i].Dial(ctx, a.String()) }})
 		if err != nil {
 			t.Fatal(err)
 		}
-		l, err := gw2ns.Listen(gwAddr.String() + ":15443")
+		l, err := gwNS[i].Listen(gwListen[i].String() + ":15443")
 		if err != nil {
 			t.Fatal(err)
 		}
 		go gw.Serve(l)
 		return gw
 	}
-	gw := startGateway()
+	gw1 := startGateway(0)
+	defer func() {
+		sctx, scancel := context.WithTimeout(context.Background(), time.Second)
+		defer scancel()
+		gw1.Shutdown(sctx)
+	}()
+	gw := startGateway(1)
 
-	// The client: grpc-go's proxyless xDS client with mTLS from a file_watcher provider.
-	dir := t.TempDir()
-	_, certPEM, keyPEM := svid(t, ca[0], "spiffe://cluster.local/ns/demo/sa/client")
-	os.WriteFile(filepath.Join(dir, "cert.pem"), certPEM, 0o600)
-	os.WriteFile(filepath.Join(dir, "key.pem"), keyPEM, 0o600)
-	os.WriteFile(filepath.Join(dir, "root.pem"), root.RootPEM(), 0o600)
-	bootstrap := fmt.Sprintf(`{
-	  "xds_servers": [{"server_uri": %q, "channel_creds": [{"type": "insecure"}], "server_features": ["xds_v3"]}],
-	  "node": {"id": "sidecar~10.1.0.99~client.demo~demo.svc.cluster.local", "metadata": {"GENERATOR": "grpc", "CLUSTER_ID": %q, "NETWORK": "network-1"}},
-	  "certificate_providers": {%q: {"plugin_name": "file_watcher", "config": {
-	     "certificate_file": %q, "private_key_file": %q, "ca_certificate_file": %q, "refresh_interval": "10s"}}}
-	}`, xdsAddr[0], clusters[0].Name, primary.CertProviderInstance,
-		filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem"), filepath.Join(dir, "root.pem"))
-	rb, err := xds.NewXDSResolverWithConfigForTesting([]byte(bootstrap))
-	if err != nil {
-		t.Fatal(err)
+	// Clients: grpc-go's proxyless xDS client with mTLS from a file_watcher provider, one
+	// per network, each talking to its own cluster's primary.
+	newClient := func(i int, ns *netlab.Namespace) testgrpc.TestServiceClient {
+		dir := t.TempDir()
+		_, certPEM, keyPEM := svid(t, ca[i], fmt.Sprintf("spiffe://cluster.local/ns/demo/sa/client-%d", i+1))
+		os.WriteFile(filepath.Join(dir, "cert.pem"), certPEM, 0o600)
+		os.WriteFile(filepath.Join(dir, "key.pem"), keyPEM, 0o600)
+		os.WriteFile(filepath.Join(dir, "root.pem"), root.RootPEM(), 0o600)
+		bootstrap := fmt.Sprintf(`{
+		  "xds_servers": [{"server_uri": %q, "channel_creds": [{"type": "insecure"}], "server_features": ["xds_v3"]}],
+		  "node": {"id": "sidecar~10.%d.0.99~client.demo~demo.svc.cluster.local", "metadata": {"GENERATOR": "grpc", "CLUSTER_ID": %q, "NETWORK": "network-%d"}},
+		  "certificate_providers": {%q: {"plugin_name": "file_watcher", "config": {
+		     "certificate_file": %q, "private_key_file": %q, "ca_certificate_file": %q, "refresh_interval": "10s"}}}
+		}`, xdsAddr[i], i+1, clusters[i].Name, i+1, primary.CertProviderInstance,
+			filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem"), filepath.Join(dir, "root.pem"))
+		rb, err := xds.NewXDSResolverWithConfigForTesting([]byte(bootstrap))
+		if err != nil {
+			t.Fatal(err)
+		}
+		creds, err := xdscreds.NewClientCredentials(xdscreds.ClientOptions{FallbackCreds: insecure.NewCredentials()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		cc, err := grpc.NewClient("xds:///echo.demo.svc.cluster.local:8080", grpc.WithTransportCredentials(creds), grpc.WithResolvers(rb),
+			grpc.WithContextDialer(ns.Dial))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cc.Close() })
+		return testgrpc.NewTestServiceClient(cc)
 	}
-	creds, err := xdscreds.NewClientCredentials(xdscreds.ClientOptions{FallbackCreds: insecure.NewCredentials()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	cc, err := grpc.NewClient("xds:///echo.demo.svc.cluster.local:8080", grpc.WithTransportCredentials(creds), grpc.WithResolvers(rb),
-		grpc.WithContextDialer(n1.Dial))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cc.Close()
-	client := testgrpc.NewTestServiceClient(cc)
-	call := func(n int) (map[string]string, int) {
+	callWith := func(client testgrpc.TestServiceClient, n int) (map[string]string, int) {
 		got, failed := map[string]string{}, 0
 		for range n {
 			cctx, ccancel := context.WithTimeout(ctx, 2*time.Second)
@@ -285,6 +306,8 @@ func TestMultiNetworkThroughGateway(t *testing.T) {
 		}
 		return got, failed
 	}
+	client := newClient(0, n1)
+	call := func(n int) (map[string]string, int) { return callWith(client, n) }
 	waitUntil(t, 60*time.Second, "answers from both networks", func() error {
 		got, _ := call(20)
 		if len(got) != 2 {
@@ -293,9 +316,18 @@ func TestMultiNetworkThroughGateway(t *testing.T) {
 		return nil
 	})
 	got, _ := call(20)
-	if got["echo-net2"] != "spiffe://cluster.local/ns/demo/sa/client" {
+	if got["echo-net2"] != "spiffe://cluster.local/ns/demo/sa/client-1" {
 		t.Fatalf("network-2's pod saw caller %q; want the client's SPIFFE identity end to end", got["echo-net2"])
 	}
+	// The other direction, through network-1's gateway.
+	client2 := newClient(1, n2)
+	waitUntil(t, 60*time.Second, "answers from both networks for a network-2 client", func() error {
+		got, _ := callWith(client2, 20)
+		if len(got) != 2 || got["echo-net1"] != "spiffe://cluster.local/ns/demo/sa/client-2" {
+			return fmt.Errorf("answers: %v", got)
+		}
+		return nil
+	})
 
 	// The networks are really separate: network-2's pod is unreachable from network-1.
 	dctx, dcancel := context.WithTimeout(ctx, 2*time.Second)
@@ -328,7 +360,7 @@ func TestMultiNetworkThroughGateway(t *testing.T) {
 		t.Fatal("the stopped gateway still accepted connections")
 	}
 	dcancel()
-	gw = startGateway()
+	gw = startGateway(1)
 	defer func() {
 		// The client's connections through the gateway are still open here: drain briefly,
 		// then close them.

@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -255,5 +256,62 @@ func TestRefusals(t *testing.T) {
 	}
 	if !found {
 		t.Fatal("refusals are not counted in isthmus_trust_csr_refused_total")
+	}
+}
+
+// TestAgentWritesAndRenewsAtHalfLife runs the workload agent against the CA: it writes the
+// file_watcher layout and renews at half of the certificate's life.
+func TestAgentWritesAndRenewsAtHalfLife(t *testing.T) {
+	needEnv(t)
+	token := serviceAccountToken(t, "demo", "agent", []string{trust.Audience}, nil)
+	dir := t.TempDir()
+	agent, err := trust.NewAgent(trust.AgentConfig{
+		CA:    caClient(t, nil),
+		Token: func() (string, error) { return token, nil },
+		Dir:   dir,
+		TTL:   4 * time.Second,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- agent.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	waitCert := func(not *x509.Certificate) *x509.Certificate {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			if c := agent.Current(); c != nil && (not == nil || c.SerialNumber.Cmp(not.SerialNumber) != 0) {
+				return c
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("no (new) certificate within 10 s")
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	first := waitCert(nil)
+	if first.URIs[0].String() != "spiffe://cluster.local/ns/demo/sa/agent" {
+		t.Fatalf("identity %v", first.URIs)
+	}
+	pair, err := tls.LoadX509KeyPair(filepath.Join(dir, trust.AgentCertFile), filepath.Join(dir, trust.AgentKeyFile))
+	if err != nil {
+		t.Fatalf("the files do not form a key pair: %v", err)
+	}
+	if len(pair.Certificate) != 2 {
+		t.Fatalf("cert-chain.pem holds %d certificates; want leaf and intermediate", len(pair.Certificate))
+	}
+	rootPEM, _ := os.ReadFile(filepath.Join(dir, trust.AgentRootFile))
+	if b, _ := pem.Decode(rootPEM); b == nil || !bytes.Equal(b.Bytes, env.root.Cert.Raw) {
+		t.Fatal("root-cert.pem is not the mesh root")
+	}
+	start := time.Now()
+	second := waitCert(first)
+	if d := time.Since(start); d > 4*time.Second {
+		t.Fatalf("renewed after %s; a 4 s certificate is renewed at about 2 s", d)
+	}
+	if !second.NotAfter.After(first.NotAfter) {
+		t.Fatal("the renewed certificate does not outlive the first")
 	}
 }

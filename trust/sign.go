@@ -84,8 +84,9 @@ func (a *Authority) Sign(csr *x509.CertificateRequest, id mesh.Identity, ttl tim
 	if err != nil {
 		return nil, err
 	}
+	// NotBefore is backdated a minute for clock skew; the validity runs from now.
 	now := time.Now().Add(-time.Minute)
-	notAfter := now.Add(ttl)
+	notAfter := now.Add(time.Minute + ttl)
 	if notAfter.After(a.Cert.NotAfter) {
 		notAfter = a.Cert.NotAfter
 	}
@@ -121,8 +122,9 @@ func (a *Authority) IssueServing(dnsNames []string, ttl time.Duration) (certPEMs
 	if err != nil {
 		return nil, nil, err
 	}
+	// NotBefore is backdated a minute for clock skew; the validity runs from now.
 	now := time.Now().Add(-time.Minute)
-	notAfter := now.Add(ttl)
+	notAfter := now.Add(time.Minute + ttl)
 	if notAfter.After(a.Cert.NotAfter) {
 		notAfter = a.Cert.NotAfter
 	}

@@ -1,0 +1,197 @@
+package trust
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc/metadata"
+	pb "istio.io/api/security/v1alpha1"
+
+	"github.com/isthmus-mesh/isthmus/mesh"
+)
+
+// Files an Agent writes, in the layout grpc-go's file_watcher certificate provider reads
+// (certificate_file, private_key_file, ca_certificate_file).
+const (
+	AgentCertFile = "cert-chain.pem" // leaf then intermediates
+	AgentKeyFile  = "key.pem"
+	AgentRootFile = "root-cert.pem"
+)
+
+// AgentConfig configures an Agent.
+type AgentConfig struct {
+	// CA is a client of the CSR API; required.
+	CA pb.IstioCertificateServiceClient
+	// Token returns the workload's service-account token (audience istio-ca) for each
+	// request, re-read every time because projected tokens rotate; required.
+	Token func() (string, error)
+	// Cluster is sent as the clusterid metadata so the CA reviews the token in the
+	// workload's own cluster; empty means the CA's cluster.
+	Cluster mesh.ClusterID
+	// Dir receives the files; required.
+	Dir string
+	// TTL is the validity to ask for; default 24 h.
+	TTL time.Duration
+	// Log receives renewals and failures; nil discards.
+	Log *slog.Logger
+}
+
+// Agent keeps a workload's certificate current on disk: it requests one at start, then
+// renews at half of each certificate's life, retrying with backoff on failure while the
+// current certificate stays in place.
+type Agent struct {
+	cfg AgentConfig
+
+	mu sync.Mutex
+	// current is the certificate on disk; guarded by mu.
+	current *x509.Certificate
+}
+
+// NewAgent validates cfg.
+func NewAgent(cfg AgentConfig) (*Agent, error) {
+	if cfg.CA == nil || cfg.Token == nil || cfg.Dir == "" {
+		return nil, errors.New("trust: agent: CA, Token and Dir are required")
+	}
+	if cfg.TTL == 0 {
+		cfg.TTL = 24 * time.Hour
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	return &Agent{cfg: cfg}, nil
+}
+
+// Current returns the certificate on disk, or nil before the first issuance.
+func (a *Agent) Current() *x509.Certificate {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.current
+}
+
+// Run keeps the certificate current until ctx ends.
+func (a *Agent) Run(ctx context.Context) error {
+	backoff := time.Second
+	for {
+		next, err := a.renew(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			a.cfg.Log.Warn("certificate request failed; keeping the current one", "err", err, "retry_in", backoff)
+			next = time.Now().Add(backoff)
+			backoff = min(backoff*2, time.Minute)
+			if cur := a.Current(); cur != nil && next.After(cur.NotAfter) {
+				next = cur.NotAfter
+			}
+		} else {
+			backoff = time.Second
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(time.Until(next)):
+		}
+	}
+}
+
+// renew requests a certificate, writes it, and returns when the next renewal is due (half
+// of its remaining life).
+func (a *Agent) renew(ctx context.Context) (time.Time, error) {
+	token, err := a.cfg.Token()
+	if err != nil {
+		return time.Time{}, fmt.Errorf("trust: agent: read token: %w", err)
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return time.Time{}, err
+	}
+	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
+	if err != nil {
+		return time.Time{}, err
+	}
+	md := metadata.Pairs("authorization", "Bearer "+token)
+	if a.cfg.Cluster != "" {
+		md.Set("clusterid", string(a.cfg.Cluster))
+	}
+	rctx, cancel := context.WithTimeout(metadata.NewOutgoingContext(ctx, md), 30*time.Second)
+	defer cancel()
+	resp, err := a.cfg.CA.CreateCertificate(rctx, &pb.IstioCertificateRequest{
+		Csr:              string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der})),
+		ValidityDuration: int64(a.cfg.TTL / time.Second),
+	})
+	if err != nil {
+		return time.Time{}, fmt.Errorf("trust: agent: CreateCertificate: %w", err)
+	}
+	chain := resp.GetCertChain()
+	if len(chain) < 2 {
+		return time.Time{}, fmt.Errorf("trust: agent: CA returned a chain of %d certificates", len(chain))
+	}
+	leafBlock, _ := pem.Decode([]byte(chain[0]))
+	if leafBlock == nil {
+		return time.Time{}, errors.New("trust: agent: CA returned no PEM leaf")
+	}
+	leaf, err := x509.ParseCertificate(leafBlock.Bytes)
+	if err != nil {
+		return time.Time{}, fmt.Errorf("trust: agent: leaf: %w", err)
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return time.Time{}, err
+	}
+	files := map[string][]byte{
+		AgentCertFile: []byte(strings.Join(chain[:len(chain)-1], "")),
+		AgentKeyFile:  pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}),
+		AgentRootFile: []byte(chain[len(chain)-1]),
+	}
+	// Key before certificate: a reader that sees the new certificate finds its key.
+	for _, name := range []string{AgentKeyFile, AgentRootFile, AgentCertFile} {
+		if err := writeAtomic(filepath.Join(a.cfg.Dir, name), files[name]); err != nil {
+			return time.Time{}, err
+		}
+	}
+	a.mu.Lock()
+	a.current = leaf
+	a.mu.Unlock()
+	// Half of the remaining life, counted from now: NotBefore is backdated for clock skew.
+	now := time.Now()
+	half := now.Add(leaf.NotAfter.Sub(now) / 2)
+	a.cfg.Log.Info("certificate issued", "identity", leaf.URIs, "not_after", leaf.NotAfter, "renew_at", half)
+	return half, nil
+}
+
+// writeAtomic writes data to path through a temporary file and a rename.
+func writeAtomic(path string, data []byte) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return err
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(path), ".tmp-*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.Write(data); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Chmod(0o600); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp.Name(), path)
+}

@@ -14,6 +14,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 
 	"golang.org/x/sys/unix"
 )
@@ -26,7 +27,10 @@ var ErrNotRoot = errors.New("netlab: creating network namespaces needs root")
 type Namespace struct {
 	// Name is the namespace's name under /var/run/netns.
 	Name string
-	fd   int // an open handle on the namespace
+
+	mu sync.RWMutex
+	// fd is an open handle on the namespace, -1 once closed; guarded by mu.
+	fd int
 }
 
 // New creates a network namespace named isthmus-<prefix>-<random> with loopback up.
@@ -80,7 +84,15 @@ func (n *Namespace) Do(fn func() error) error {
 			return
 		}
 		defer unix.Close(self)
-		if err := unix.Setns(n.fd, unix.CLONE_NEWNET); err != nil {
+		n.mu.RLock()
+		if n.fd < 0 {
+			n.mu.RUnlock()
+			errc <- fmt.Errorf("netlab: namespace %s is closed", n.Name)
+			return
+		}
+		err = unix.Setns(n.fd, unix.CLONE_NEWNET)
+		n.mu.RUnlock()
+		if err != nil {
 			errc <- fmt.Errorf("netlab: enter %s: %w", n.Name, err)
 			return
 		}
@@ -116,10 +128,12 @@ func (n *Namespace) Dial(ctx context.Context, address string) (net.Conn, error) 
 
 // Close deletes the namespace. Sockets still open in it keep it alive until they close.
 func (n *Namespace) Close() error {
+	n.mu.Lock()
 	if n.fd >= 0 {
 		unix.Close(n.fd)
 		n.fd = -1
 	}
+	n.mu.Unlock()
 	return ip("netns", "del", n.Name)
 }
 

@@ -78,19 +78,6 @@ func svid(t *testing.T, ca *trust.Authority, id string) (tls.Certificate, []byte
 	return c, certPEM, keyPEM
 }
 
-func waitUntil(t *testing.T, timeout time.Duration, what string, f func() error) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	var err error
-	for time.Now().Before(deadline) {
-		if err = f(); err == nil {
-			return
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	t.Fatalf("timed out after %s waiting for %s: %v", timeout, what, err)
-}
-
 // TestMultiNetworkThroughGateway is the multi-network end to end: two real clusters on two
 // separated networks (network namespaces, no forwarding), a primary per cluster with the
 // other's remote secret, an east-west gateway for network-2, certificates from one root.
@@ -158,7 +145,7 @@ func TestMultiNetworkThroughGateway(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		waitUntil(t, 20*time.Second, "default service account", func() error {
+		kubetest.Eventually(t, 20*time.Second, "default service account", func() error {
 			_, err := clients[i].CoreV1().ServiceAccounts("demo").Get(ctx, "default", metav1.GetOptions{})
 			return err
 		})
@@ -308,7 +295,7 @@ func TestMultiNetworkThroughGateway(t *testing.T) {
 	}
 	client := newClient(0, n1)
 	call := func(n int) (map[string]string, int) { return callWith(client, n) }
-	waitUntil(t, 60*time.Second, "answers from both networks", func() error {
+	kubetest.Eventually(t, 60*time.Second, "answers from both networks", func() error {
 		got, _ := call(20)
 		if len(got) != 2 {
 			return fmt.Errorf("answers: %v", got)
@@ -321,7 +308,7 @@ func TestMultiNetworkThroughGateway(t *testing.T) {
 	}
 	// The other direction, through network-1's gateway.
 	client2 := newClient(1, n2)
-	waitUntil(t, 60*time.Second, "answers from both networks for a network-2 client", func() error {
+	kubetest.Eventually(t, 60*time.Second, "answers from both networks for a network-2 client", func() error {
 		got, _ := callWith(client2, 20)
 		if len(got) != 2 || got["echo-net1"] != "spiffe://cluster.local/ns/demo/sa/client-2" {
 			return fmt.Errorf("answers: %v", got)
@@ -344,7 +331,7 @@ func TestMultiNetworkThroughGateway(t *testing.T) {
 	// gRPC's round robin moves every call to network-1 (failover), so what shows is that
 	// network-2 stops answering while network-1 keeps serving, and the gateway's address
 	// refuses connections.
-	waitUntil(t, 30*time.Second, "network-2 unreachable without its gateway", func() error {
+	kubetest.Eventually(t, 30*time.Second, "network-2 unreachable without its gateway", func() error {
 		got, failed := call(20)
 		if _, ok := got["echo-net1"]; !ok || failed == 20 {
 			return fmt.Errorf("network-1 must keep working: answers %v, %d failed", got, failed)
@@ -368,7 +355,7 @@ func TestMultiNetworkThroughGateway(t *testing.T) {
 		defer scancel()
 		gw.Shutdown(sctx)
 	}()
-	waitUntil(t, 60*time.Second, "network-2 back with a new gateway", func() error {
+	kubetest.Eventually(t, 60*time.Second, "network-2 back with a new gateway", func() error {
 		if got, _ := call(20); len(got) != 2 {
 			return fmt.Errorf("answers: %v", got)
 		}

@@ -2,6 +2,7 @@ package eastwest_test
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"net/netip"
 	"slices"
@@ -9,6 +10,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials/insecure"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -38,15 +40,10 @@ func TestRoutesFromPrimary(t *testing.T) {
 		}
 	}
 	must(cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "demo"}}, metav1.CreateOptions{}))
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if _, err := cs.CoreV1().ServiceAccounts("demo").Get(ctx, "default", metav1.GetOptions{}); err == nil {
-			break
-		} else if time.Now().After(deadline) {
-			t.Fatal(err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	kubetest.Eventually(t, 20*time.Second, "the default service account", func() error {
+		_, err := cs.CoreV1().ServiceAccounts("demo").Get(ctx, "default", metav1.GetOptions{})
+		return err
+	})
 	must(cs.CoreV1().Services("demo").Create(ctx, &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: "echo", Namespace: "demo"},
 		Spec: corev1.ServiceSpec{Selector: map[string]string{"app": "echo"}, Ports: []corev1.ServicePort{{Name: "grpc", Port: 8080, TargetPort: intstr.FromString("grpc")}}}}, metav1.CreateOptions{}))
 	for name, pod := range map[string]struct{ ip, network string }{"n1": {"10.1.0.5", "net-1"}, "n2": {"10.2.0.5", "net-2"}} {
@@ -78,17 +75,22 @@ func TestRoutesFromPrimary(t *testing.T) {
 	go eastwest.WatchRoutes(ctx, eastwest.XDSConfig{Conn: conn, Network: "net-2", Cluster: "c1"}, table)
 	const name = "outbound|8080||echo.demo.svc.cluster.local"
 	want := []netip.AddrPort{netip.MustParseAddrPort("10.2.0.5:8080")}
-	deadline = time.Now().Add(20 * time.Second)
-	for !slices.Equal(table.Endpoints(name), want) {
-		if time.Now().After(deadline) {
-			t.Fatalf("gateway routes for %s: %v; want only net-2's %v", name, table.Endpoints(name), want)
+	kubetest.Eventually(t, 20*time.Second, "net-2's routes only", func() error {
+		if got := table.Endpoints(name); !slices.Equal(got, want) {
+			return fmt.Errorf("gateway routes for %s: %v; want %v", name, got, want)
 		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	// The control plane goes away; the gateway keeps routing with what it had.
+		return nil
+	})
+	// The control plane goes away; once the gateway's stream has broken, it still routes
+	// with what it had.
 	pcancel()
 	gs.Stop()
-	time.Sleep(300 * time.Millisecond)
+	kubetest.Eventually(t, 10*time.Second, "the xDS connection to break", func() error {
+		if s := conn.GetState(); s == connectivity.Ready {
+			return fmt.Errorf("connection still %s", s)
+		}
+		return nil
+	})
 	if !slices.Equal(table.Endpoints(name), want) {
 		t.Fatalf("routes lost with the primary: %v", table.Endpoints(name))
 	}

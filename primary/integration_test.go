@@ -176,7 +176,7 @@ func ensureEchoService(t *testing.T, i int) {
 	if _, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "demo"}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
 		t.Fatal(err)
 	}
-	waitFor(t, 20*time.Second, "default service account in demo", func() error {
+	kubetest.Eventually(t, 20*time.Second, "default service account in demo", func() error {
 		_, err := cs.CoreV1().ServiceAccounts("demo").Get(ctx, "default", metav1.GetOptions{})
 		return err
 	})
@@ -214,19 +214,6 @@ func linkCluster(t *testing.T, i int) {
 		t.Fatal(err)
 	}
 	applySecret(t, created.Secret)
-}
-
-func waitFor(t *testing.T, timeout time.Duration, what string, check func() error) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	var err error
-	for time.Now().Before(deadline) {
-		if err = check(); err == nil {
-			return
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	t.Fatalf("timed out after %s waiting for %s: %v", timeout, what, err)
 }
 
 // newClient dials the echo service through the primary with grpc-go's proxyless xDS client.
@@ -285,7 +272,7 @@ func clustersAnswering(got map[string]int) []string {
 
 func waitAnswers(t *testing.T, c testgrpc.TestServiceClient, what string, ok func(map[string]int) bool) {
 	t.Helper()
-	waitFor(t, 30*time.Second, what, func() error {
+	kubetest.Eventually(t, 30*time.Second, what, func() error {
 		got, _ := answers(c, 30)
 		if !ok(got) {
 			return fmt.Errorf("answers: %v", got)
@@ -344,7 +331,7 @@ func TestProxylessClientReachesAllClusters(t *testing.T) {
 	t.Run("cluster 3 API server down: kept for the stale window, then withdrawn, then restored", func(t *testing.T) {
 		c3 := env.clusters[2].Name
 		env.clusters[2].StopAPIServer()
-		waitFor(t, 10*time.Second, c3+" unreachable in clusterz", func() error {
+		kubetest.Eventually(t, 10*time.Second, c3+" unreachable in clusterz", func() error {
 			s, _ := statusOf(clusterz(t), c3)
 			if s.State != primary.StateUnreachable || s.Error == "" {
 				return fmt.Errorf("%+v", s)
@@ -400,7 +387,7 @@ func TestProxylessClientReachesAllClusters(t *testing.T) {
 			t.Fatalf("no credential hash in %+v", before)
 		}
 		linkCluster(t, 1) // a new token: a new credential for the same cluster
-		waitFor(t, 20*time.Second, "the new credential to be swapped in", func() error {
+		kubetest.Eventually(t, 20*time.Second, "the new credential to be swapped in", func() error {
 			s, _ := statusOf(clusterz(t), c2)
 			if s.Credential == before.Credential || s.Rotating || s.State != primary.StateSynced {
 				return fmt.Errorf("%+v", s)
@@ -467,7 +454,7 @@ func TestBadCredentialsAreReportedPerCluster(t *testing.T) {
 		"unreachable": "connect: connection refused",
 		"no-rbac":     "forbidden",
 	}
-	waitFor(t, 20*time.Second, "each bad credential reported", func() error {
+	kubetest.Eventually(t, 20*time.Second, "each bad credential reported", func() error {
 		cz := clusterz(t)
 		for id, msg := range want {
 			s, ok := statusOf(cz, id)
@@ -498,7 +485,7 @@ func TestBadCredentialsAreReportedPerCluster(t *testing.T) {
 		}
 	}
 	// The no-rbac cluster never syncs: it holds readiness for at most the sync timeout.
-	waitFor(t, 5*time.Second+5*time.Second, "readiness despite bad credentials", func() error {
+	kubetest.Eventually(t, 5*time.Second+5*time.Second, "readiness despite bad credentials", func() error {
 		if cz := clusterz(t); !cz.Ready {
 			return fmt.Errorf("not ready: %+v", cz.Clusters)
 		}

@@ -17,6 +17,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/isthmus-mesh/isthmus/internal/kubelocal/kubetest"
 	"github.com/isthmus-mesh/isthmus/mesh"
 	"github.com/isthmus-mesh/isthmus/primary"
 	"github.com/isthmus-mesh/isthmus/remote"
@@ -30,7 +31,7 @@ func TestRemovingASecretRemovesTheCluster(t *testing.T) {
 	ensureEchoService(t, 2)
 	linkCluster(t, 2)
 	c3 := env.clusters[2].Name
-	waitFor(t, 20*time.Second, c3+" linked", func() error {
+	kubetest.Eventually(t, 20*time.Second, c3+" linked", func() error {
 		if s, _ := statusOf(clusterz(t), c3); s.State != primary.StateSynced {
 			return fmt.Errorf("%+v", s)
 		}
@@ -39,7 +40,7 @@ func TestRemovingASecretRemovesTheCluster(t *testing.T) {
 	if err := env.clients[0].CoreV1().Secrets("istio-system").Delete(ctx, remote.SecretNamePrefix+c3, metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 20*time.Second, c3+" removed with its services", func() error {
+	kubetest.Eventually(t, 20*time.Second, c3+" removed with its services", func() error {
 		s, _ := statusOf(clusterz(t), c3)
 		if s.State != primary.StateRemoved {
 			return fmt.Errorf("%+v", s)
@@ -50,7 +51,7 @@ func TestRemovingASecretRemovesTheCluster(t *testing.T) {
 		return nil
 	})
 	linkCluster(t, 2)
-	waitFor(t, 20*time.Second, c3+" linked again", func() error {
+	kubetest.Eventually(t, 20*time.Second, c3+" linked again", func() error {
 		if s, _ := statusOf(clusterz(t), c3); s.State != primary.StateSynced || s.Services == 0 {
 			return fmt.Errorf("%+v", s)
 		}
@@ -71,7 +72,7 @@ func TestClusterLocalServicesStayHome(t *testing.T) {
 		t.Fatal(err)
 	}
 	ensureEchoService(t, 0)
-	waitFor(t, 10*time.Second, "echo in the registry", func() error {
+	kubetest.Eventually(t, 10*time.Second, "echo in the registry", func() error {
 		if env.primary.Registry().View().Service(echoHost) == nil {
 			return fmt.Errorf("no %s", echoHost)
 		}
@@ -146,7 +147,7 @@ func TestKubeconfigDirectorySource(t *testing.T) {
 	}
 	done := make(chan error, 1)
 	go func() { done <- p.Run(ctx) }()
-	waitFor(t, 20*time.Second, "cluster 3 from the directory", func() error {
+	kubetest.Eventually(t, 20*time.Second, "cluster 3 from the directory", func() error {
 		var fromDir, refused bool
 		for _, s := range p.Clusters() {
 			if string(s.ID) == env.clusters[2].Name && s.State == primary.StateSynced && s.Source == "dir "+dir {

@@ -324,48 +324,50 @@ func deltaResponse(v *viewState, req *discovery.DeltaDiscoveryRequest, sub cache
 
 // CreateWatch implements cache.ConfigWatcher for state-of-the-world streams.
 func (c *viewCache) CreateWatch(req *cache.Request, sub cache.Subscription, ch chan cache.Response) (func(), error) {
-	key, err := viewKeyOf(req.GetNode())
-	if err != nil {
-		return nil, err
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	v := c.watchedStateLocked(key)
-	// The stream's channel has room for one response per type, and the stream's own loop
-	// is the caller, so an immediate answer never blocks.
-	if resp := sotwResponse(v, req, sub); resp != nil {
-		ch <- resp
-		return func() {}, nil
-	}
-	c.nextID++
-	id := c.nextID
-	v.sotw[id] = &sotwWatch{req: req, sub: sub, ch: ch}
-	return func() {
-		c.mu.Lock()
-		delete(v.sotw, id)
-		c.mu.Unlock()
-	}, nil
+	return openWatch(c, req.GetNode(), func(v *viewState) map[int64]*sotwWatch { return v.sotw },
+		&sotwWatch{req: req, sub: sub, ch: ch},
+		func(v *viewState) bool {
+			if resp := sotwResponse(v, req, sub); resp != nil {
+				ch <- resp
+				return true
+			}
+			return false
+		})
 }
 
 // CreateDeltaWatch implements cache.ConfigWatcher for incremental streams.
 func (c *viewCache) CreateDeltaWatch(req *cache.DeltaRequest, sub cache.Subscription, ch chan cache.DeltaResponse) (func(), error) {
-	key, err := viewKeyOf(req.GetNode())
+	return openWatch(c, req.GetNode(), func(v *viewState) map[int64]*deltaWatch { return v.deltas },
+		&deltaWatch{req: req, sub: sub, ch: ch},
+		func(v *viewState) bool {
+			if resp := deltaResponse(v, req, sub); resp != nil {
+				ch <- resp
+				return true
+			}
+			return false
+		})
+}
+
+// openWatch answers a watch at once when answerNow can (the stream's channel has room for
+// one response per type and the stream's own loop is the caller, so this never blocks),
+// and otherwise parks w in the view's watches until SetView answers it.
+func openWatch[W any](c *viewCache, node *core.Node, watches func(*viewState) map[int64]W, w W, answerNow func(*viewState) bool) (func(), error) {
+	key, err := viewKeyOf(node)
 	if err != nil {
 		return nil, err
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	v := c.watchedStateLocked(key)
-	if resp := deltaResponse(v, req, sub); resp != nil {
-		ch <- resp
+	if answerNow(v) {
 		return func() {}, nil
 	}
 	c.nextID++
-	id := c.nextID
-	v.deltas[id] = &deltaWatch{req: req, sub: sub, ch: ch}
+	id, m := c.nextID, watches(v)
+	m[id] = w
 	return func() {
 		c.mu.Lock()
-		delete(v.deltas, id)
+		delete(m, id)
 		c.mu.Unlock()
 	}, nil
 }

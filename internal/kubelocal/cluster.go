@@ -34,7 +34,7 @@ type Config struct {
 	// Name identifies the cluster (kubeconfig context, node name prefix); required.
 	Name string
 	// Dir is where the cluster keeps its PKI, etcd data, logs, kubeconfig and state file;
-	// required. Stop leaves it in place; Remove deletes it.
+	// required. Stop leaves it in place.
 	Dir string
 	// Binaries are the etcd and Kubernetes binaries to run; required.
 	Binaries *kubebin.Set
@@ -587,12 +587,6 @@ func (c *Cluster) Stop() {
 			procs[i].stop(5 * time.Second)
 		}
 	})
-}
-
-// Remove stops the cluster and deletes its directory.
-func (c *Cluster) Remove() error {
-	c.Stop()
-	return os.RemoveAll(c.Dir)
 }
 
 // StartMany starts clusters concurrently and returns them in the order of configs. If any

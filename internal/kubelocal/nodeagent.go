@@ -123,7 +123,7 @@ func (a *NodeAgent) Run(ctx context.Context) error {
 // loadAssigned rebuilds the IP assignments from Pods already on the node, so that a
 // restarted agent never hands out an address twice.
 func (a *NodeAgent) loadAssigned() {
-	pods, _ := a.lister.List(labelsEverything())
+	pods, _ := a.lister.List(labels.Everything())
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	for _, p := range pods {
@@ -324,21 +324,21 @@ func statusEqual(have, want *corev1.PodStatus) bool {
 // ensureNode creates the Node or updates it, and marks it Ready.
 func (a *NodeAgent) ensureNode(ctx context.Context) error {
 	nodes := a.cfg.Client.CoreV1().Nodes()
-	labels := map[string]string{
+	nodeLabels := map[string]string{
 		"kubernetes.io/hostname": a.cfg.NodeName,
 		"kubernetes.io/os":       "linux",
 		"kubernetes.io/arch":     "amd64",
 	}
 	if a.cfg.Region != "" {
-		labels[corev1.LabelTopologyRegion] = a.cfg.Region
+		nodeLabels[corev1.LabelTopologyRegion] = a.cfg.Region
 	}
 	if a.cfg.Zone != "" {
-		labels[corev1.LabelTopologyZone] = a.cfg.Zone
+		nodeLabels[corev1.LabelTopologyZone] = a.cfg.Zone
 	}
 	node, err := nodes.Get(ctx, a.cfg.NodeName, metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {
 		node, err = nodes.Create(ctx, &corev1.Node{
-			ObjectMeta: metav1.ObjectMeta{Name: a.cfg.NodeName, Labels: labels},
+			ObjectMeta: metav1.ObjectMeta{Name: a.cfg.NodeName, Labels: nodeLabels},
 			Spec:       corev1.NodeSpec{PodCIDR: a.cfg.PodCIDR.String(), PodCIDRs: []string{a.cfg.PodCIDR.String()}},
 		}, metav1.CreateOptions{})
 	}
@@ -371,6 +371,3 @@ func (a *NodeAgent) ensureNode(ctx context.Context) error {
 	a.cfg.Log.Debug("node registered")
 	return nil
 }
-
-// labelsEverything selects every object.
-func labelsEverything() labels.Selector { return labels.Everything() }

@@ -140,3 +140,20 @@ func Main(m *testing.M, n int, prefix string, setup func([]*kubelocal.Cluster) (
 	}
 	return m.Run()
 }
+
+// Eventually calls check every 50 ms until it returns nil, failing t with check's last
+// error when timeout passes first. Tests wait for conditions this way, never by sleeping.
+func Eventually(t testing.TB, timeout time.Duration, what string, check func() error) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		err := check()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s: %v", timeout, what, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}

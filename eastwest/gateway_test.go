@@ -242,6 +242,16 @@ func TestConnectionLimitIdleTimeoutAndDrain(t *testing.T) {
 		t.Fatalf("idle close took %s", d)
 	}
 
+	// The client sees the close before the gateway's goroutine has given back its slot
+	// (the limit is 1): wait for the gateway to count no active connection.
+	deadline := time.Now().Add(5 * time.Second)
+	for testutil.ToFloat64(f.gw.conns) != 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the idle connection's slot was never released")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+
 	// Drain: an in-flight connection finishes; new ones are refused.
 	c, err := dialTLS(t, f.addr, testSNI, leaf)
 	if err != nil {

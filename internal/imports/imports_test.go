@@ -72,6 +72,8 @@ func TestImportRules(t *testing.T) {
 		}, true, "primary must not import deploy or scenarios"},
 		{"trust does not import primary", "trust", func(d string) bool { return strings.HasPrefix(d, module+"/primary") }, true,
 			"primary plugs the CA in, not the other way round"},
+		{"proc is stdlib-only plumbing", "internal/proc", func(d string) bool { return !isStd(d) }, true,
+			"internal/proc starts processes with the standard library alone"},
 	}
 	for _, r := range rules {
 		t.Run(r.name, func(t *testing.T) {

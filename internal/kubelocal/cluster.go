@@ -26,6 +26,7 @@ import (
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 
 	"github.com/isthmus-mesh/isthmus/internal/kubebin"
+	"github.com/isthmus-mesh/isthmus/internal/proc"
 )
 
 // Config describes one local cluster. Zero values of optional fields are documented
@@ -140,7 +141,7 @@ type Cluster struct {
 
 	mu sync.Mutex
 	// procs are the running children, in start order; guarded by mu.
-	procs []*process
+	procs []*proc.Process
 }
 
 // RESTConfig returns a copy of the admin client configuration.
@@ -157,8 +158,8 @@ func (c *Cluster) Err() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for _, p := range c.procs {
-		if p.exited() {
-			return fmt.Errorf("kubelocal: cluster %s: %w", c.Name, p.exitError())
+		if p.Exited() {
+			return fmt.Errorf("kubelocal: cluster %s: %w", c.Name, p.ExitError())
 		}
 	}
 	return nil
@@ -170,7 +171,7 @@ func (c *Cluster) PIDs() map[string]int {
 	defer c.mu.Unlock()
 	m := make(map[string]int, len(c.procs))
 	for _, p := range c.procs {
-		m[p.name] = p.pid()
+		m[p.Name] = p.PID()
 	}
 	return m
 }
@@ -489,12 +490,12 @@ func (c *Cluster) waitDefaultServiceAccount(ctx context.Context) error {
 	return nil
 }
 
-func (c *Cluster) startProc(name, bin string, args []string) (*process, error) {
+func (c *Cluster) startProc(name, bin string, args []string) (*proc.Process, error) {
 	return c.startProcPath(name, c.cfg.Binaries.Path(bin), args)
 }
 
-func (c *Cluster) startProcPath(name, path string, args []string) (*process, error) {
-	p, err := startProcess(name, path, args, filepath.Join(c.Dir, "logs", name+".log"), c.cfg.Detached, nil)
+func (c *Cluster) startProcPath(name, path string, args []string) (*proc.Process, error) {
+	p, err := proc.Start(name, path, args, filepath.Join(c.Dir, "logs", name+".log"), c.cfg.Detached, nil)
 	if err != nil {
 		return nil, err
 	}
@@ -505,8 +506,8 @@ func (c *Cluster) startProcPath(name, path string, args []string) (*process, err
 }
 
 // dropProc stops p and forgets it (after a failed attempt that will be retried).
-func (c *Cluster) dropProc(p *process) {
-	p.stop(2 * time.Second)
+func (c *Cluster) dropProc(p *proc.Process) {
+	p.Stop(2 * time.Second)
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for i, q := range c.procs {
@@ -522,8 +523,8 @@ func (c *Cluster) checkAlive() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for _, p := range c.procs {
-		if p.exited() {
-			return p.exitError()
+		if p.Exited() {
+			return p.ExitError()
 		}
 	}
 	return nil
@@ -534,9 +535,9 @@ func (c *Cluster) checkAlive() error {
 // retry. RestartAPIServer brings it back on the same address.
 func (c *Cluster) StopAPIServer() {
 	c.mu.Lock()
-	var api *process
+	var api *proc.Process
 	for _, p := range c.procs {
-		if p.name == "kube-apiserver" {
+		if p.Name == "kube-apiserver" {
 			api = p
 		}
 	}
@@ -581,10 +582,10 @@ func (c *Cluster) Stop() {
 			<-c.agentDone
 		}
 		c.mu.Lock()
-		procs := append([]*process(nil), c.procs...)
+		procs := append([]*proc.Process(nil), c.procs...)
 		c.mu.Unlock()
 		for i := len(procs) - 1; i >= 0; i-- {
-			procs[i].stop(5 * time.Second)
+			procs[i].Stop(5 * time.Second)
 		}
 	})
 }
@@ -636,11 +637,11 @@ func freePort(host string) (int, error) {
 }
 
 // portConflict reports whether p died because its port was taken.
-func portConflict(p *process) bool {
+func portConflict(p *proc.Process) bool {
 	select {
-	case <-p.done:
+	case <-p.Done():
 	case <-time.After(2 * time.Second):
 		return false
 	}
-	return strings.Contains(logTail(p.logPath, 50), "address already in use")
+	return strings.Contains(proc.LogTail(p.LogPath, 50), "address already in use")
 }

@@ -9,6 +9,8 @@ import (
 	"sort"
 	"strings"
 	"time"
+
+	"github.com/isthmus-mesh/isthmus/internal/proc"
 )
 
 // StateFile is the name of the file, in a cluster's directory, that records how to find
@@ -39,7 +41,7 @@ const (
 func (s *State) Health() string {
 	alive := 0
 	for _, pid := range s.PIDs {
-		if pidMatches(pid, s.Dir) {
+		if proc.PIDMatches(pid, s.Dir) {
 			alive++
 		}
 	}
@@ -129,17 +131,17 @@ func StopDetached(s *State) error {
 	done := map[string]bool{}
 	for _, name := range stopOrder {
 		if pid, ok := s.PIDs[name]; ok {
-			stopPID(pid, s.Dir, 5*time.Second)
+			proc.StopPID(pid, s.Dir, 5*time.Second)
 			done[name] = true
 		}
 	}
 	for name, pid := range s.PIDs {
 		if !done[name] {
-			stopPID(pid, s.Dir, 5*time.Second)
+			proc.StopPID(pid, s.Dir, 5*time.Second)
 		}
 	}
 	for name, pid := range s.PIDs {
-		if pidMatches(pid, s.Dir) {
+		if proc.PIDMatches(pid, s.Dir) {
 			return fmt.Errorf("kubelocal: cluster %s: %s (pid %d) is still running after SIGKILL", s.Name, name, pid)
 		}
 	}

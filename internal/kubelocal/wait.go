@@ -7,6 +7,8 @@ import (
 	"io"
 	"net/http"
 	"time"
+
+	"github.com/isthmus-mesh/isthmus/internal/proc"
 )
 
 // backoffStop wraps an error that ends a poll at once instead of being retried.
@@ -38,13 +40,13 @@ func poll(ctx context.Context, interval time.Duration, check func(context.Contex
 }
 
 // waitReady polls check until it succeeds, failing early with the log tail when p exits.
-func waitReady(ctx context.Context, p *process, check func(context.Context) error) error {
+func waitReady(ctx context.Context, p *proc.Process, check func(context.Context) error) error {
 	return poll(ctx, 50*time.Millisecond, func(ctx context.Context) error {
-		if p.exited() {
-			return backoffStop{p.exitError()}
+		if p.Exited() {
+			return backoffStop{p.ExitError()}
 		}
 		if err := check(ctx); err != nil {
-			return fmt.Errorf("%s not ready: %w", p.name, err)
+			return fmt.Errorf("%s not ready: %w", p.Name, err)
 		}
 		return nil
 	})

@@ -1,4 +1,4 @@
-package kubelocal
+package proc
 
 import (
 	"bytes"
@@ -12,22 +12,25 @@ import (
 	"time"
 )
 
-// process is one child process (etcd, kube-apiserver, ...) with its output in a log file.
+// Process is one child process (etcd, kube-apiserver, a primary, ...) with its output in a
+// log file.
 //
 // Every child runs in its own process group, so that stopping it also stops anything it
 // forked. Attached children also get a parent-death signal (SIGKILL), so that a test binary
 // that panics or is killed takes its clusters with it; detached children (clusters that
 // outlive `isthmus cluster up`) start a new session instead and are stopped through their
 // recorded process IDs.
-type process struct {
-	name    string
+type Process struct {
+	Name    string // what reports call it
+	LogPath string // where its output goes
 	cmd     *exec.Cmd
-	logPath string
 	done    chan struct{} // closed when the process has exited
 	err     error         // exit status; valid after done is closed
 }
 
-func startProcess(name, bin string, args []string, logPath string, detached bool, extraEnv []string) (*process, error) {
+// Start starts bin with args, its output appended to logPath and extraEnv added to this
+// process's environment. A detached process starts a new session and outlives this one.
+func Start(name, bin string, args []string, logPath string, detached bool, extraEnv []string) (*Process, error) {
 	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return nil, fmt.Errorf("%s: open log: %w", name, err)
@@ -45,7 +48,7 @@ func startProcess(name, bin string, args []string, logPath string, detached bool
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("%s: start %s: %w", name, bin, err)
 	}
-	p := &process{name: name, cmd: cmd, logPath: logPath, done: make(chan struct{})}
+	p := &Process{Name: name, cmd: cmd, LogPath: logPath, done: make(chan struct{})}
 	go func() {
 		p.err = cmd.Wait()
 		close(p.done)
@@ -53,11 +56,11 @@ func startProcess(name, bin string, args []string, logPath string, detached bool
 	return p, nil
 }
 
-// pid returns the process ID (also its process group ID).
-func (p *process) pid() int { return p.cmd.Process.Pid }
+// PID returns the process ID (also its process group ID).
+func (p *Process) PID() int { return p.cmd.Process.Pid }
 
-// exited reports whether the process has ended.
-func (p *process) exited() bool {
+// Exited reports whether the process has ended.
+func (p *Process) Exited() bool {
 	select {
 	case <-p.done:
 		return true
@@ -66,31 +69,31 @@ func (p *process) exited() bool {
 	}
 }
 
-// exitError describes how the process ended, with the tail of its log, for reports of a
+// ExitError describes how the process ended, with the tail of its log, for reports of a
 // crashed component.
-func (p *process) exitError() error {
+func (p *Process) ExitError() error {
 	status := "exited"
 	if p.err != nil {
 		status = p.err.Error()
 	}
-	return fmt.Errorf("%s %s; last lines of %s:\n%s", p.name, status, p.logPath, indent(logTail(p.logPath, 15)))
+	return fmt.Errorf("%s %s; last lines of %s:\n%s", p.Name, status, p.LogPath, indent(LogTail(p.LogPath, 15)))
 }
 
-// stop sends SIGTERM to the process group, waits up to grace, then SIGKILLs the group. It
+// Stop sends SIGTERM to the process group, waits up to grace, then SIGKILLs the group. It
 // returns once the process has exited.
-func (p *process) stop(grace time.Duration) {
-	if p.exited() {
-		killGroup(p.pid(), syscall.SIGKILL) // leftovers in the group, if any
+func (p *Process) Stop(grace time.Duration) {
+	if p.Exited() {
+		killGroup(p.PID(), syscall.SIGKILL) // leftovers in the group, if any
 		return
 	}
-	killGroup(p.pid(), syscall.SIGTERM)
+	killGroup(p.PID(), syscall.SIGTERM)
 	select {
 	case <-p.done:
 	case <-time.After(grace):
-		killGroup(p.pid(), syscall.SIGKILL)
+		killGroup(p.PID(), syscall.SIGKILL)
 		<-p.done
 	}
-	killGroup(p.pid(), syscall.SIGKILL)
+	killGroup(p.PID(), syscall.SIGKILL)
 }
 
 // killGroup signals the process group pgid; a group that no longer exists is fine.
@@ -103,30 +106,30 @@ func killGroup(pgid int, sig syscall.Signal) {
 	}
 }
 
-// stopPID stops a process this program did not start (a detached cluster's component
+// StopPID stops a process this program did not start (a detached cluster's component
 // recorded in its state file): SIGTERM to its group, then SIGKILL after grace. It only acts
 // when the process's command line still mentions marker, so a recycled PID is never hit.
-func stopPID(pid int, marker string, grace time.Duration) {
-	if !pidMatches(pid, marker) {
+func StopPID(pid int, marker string, grace time.Duration) {
+	if !PIDMatches(pid, marker) {
 		return
 	}
 	killGroup(pid, syscall.SIGTERM)
 	deadline := time.Now().Add(grace)
 	for time.Now().Before(deadline) {
-		if !pidMatches(pid, marker) {
+		if !PIDMatches(pid, marker) {
 			return
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
 	killGroup(pid, syscall.SIGKILL)
-	for i := 0; i < 100 && pidMatches(pid, marker); i++ {
+	for i := 0; i < 100 && PIDMatches(pid, marker); i++ {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
 
-// pidMatches reports whether pid is alive (not a zombie) and its command line contains
+// PIDMatches reports whether pid is alive (not a zombie) and its command line contains
 // marker.
-func pidMatches(pid int, marker string) bool {
+func PIDMatches(pid int, marker string) bool {
 	if pid <= 1 {
 		return false
 	}
@@ -145,8 +148,8 @@ func pidMatches(pid int, marker string) bool {
 	return bytes.Contains(cmdline, []byte(marker))
 }
 
-// logTail returns the last n lines of the file at path.
-func logTail(path string, n int) string {
+// LogTail returns the last n lines of the file at path.
+func LogTail(path string, n int) string {
 	f, err := os.Open(path)
 	if err != nil {
 		return "(no log: " + err.Error() + ")"
@@ -163,6 +166,9 @@ func logTail(path string, n int) string {
 	}
 	return strings.Join(lines, "\n")
 }
+
+// Done is closed when the process has exited.
+func (p *Process) Done() <-chan struct{} { return p.done }
 
 func indent(s string) string {
 	return "    " + strings.ReplaceAll(s, "\n", "\n    ")

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"strings"
 	"time"
 
@@ -19,12 +20,13 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/isthmus-mesh/isthmus/eastwest"
+	"github.com/isthmus-mesh/isthmus/internal/netlab"
 	"github.com/isthmus-mesh/isthmus/mesh"
 )
 
 func newGatewayCommand() *cobra.Command {
 	var (
-		xdsAddr, network, cluster, listen, httpAddr, logLevel string
+		xdsAddr, network, cluster, listen, httpAddr, logLevel, netns string
 		forwards                                              []string
 		cfg                                                   eastwest.Config
 	)
@@ -57,6 +59,16 @@ the name outbound_.<port>_.<subset>_.<hostname> designates, on this gateway's ow
 			reg := prometheus.NewRegistry()
 			reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 			cfg.Routes, cfg.Log, cfg.Metrics = &eastwest.Table{}, log, reg
+			listenFn := net.Listen
+			if netns != "" {
+				ns, err := netlab.Open(netns)
+				if err != nil {
+					return fmt.Errorf("--netns: %w", err)
+				}
+				defer ns.Close()
+				cfg.Dial = func(ctx context.Context, a netip.AddrPort) (net.Conn, error) { return ns.Dial(ctx, a.String()) }
+				listenFn = func(_, addr string) (net.Listener, error) { return ns.Listen(addr) }
+			}
 			gw, err := eastwest.New(cfg)
 			if err != nil {
 				return err
@@ -67,7 +79,7 @@ the name outbound_.<port>_.<subset>_.<hostname> designates, on this gateway's ow
 			}
 			defer conn.Close()
 			return runGateway(cmd.Context(), gw, cfg.Routes, eastwest.XDSConfig{Conn: conn, Network: nw, Cluster: cid, Log: log,
-				NodeID: "router~0.0.0.0~eastwest-" + string(nw) + "~istio-system.svc.cluster.local"}, listen, httpAddr, forwards, reg, log)
+				NodeID: "router~0.0.0.0~eastwest-" + string(nw) + "~istio-system.svc.cluster.local"}, listenFn, listen, httpAddr, forwards, reg, log)
 		},
 	}
 	f := cmd.Flags()
@@ -79,14 +91,17 @@ the name outbound_.<port>_.<subset>_.<hostname> designates, on this gateway's ow
 	f.StringSliceVar(&forwards, "forward", nil, "LISTEN=TARGET plain TCP passthrough, e.g. :15012=10.0.0.5:15012 (repeatable)")
 	f.DurationVar(&cfg.IdleTimeout, "idle-timeout", time.Hour, "close connections idle this long")
 	f.IntVar(&cfg.MaxConnections, "max-connections", 100000, "concurrent connection limit")
+	f.StringVar(&netns, "netns", "", "network namespace (under /var/run/netns) to listen and dial in: the gateway's data plane lives there, its xDS and HTTP stay on the host")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	cmd.MarkFlagRequired("network")
 	cmd.MarkFlagRequired("cluster-id")
 	return cmd
 }
 
-func runGateway(ctx context.Context, gw *eastwest.Gateway, table *eastwest.Table, xcfg eastwest.XDSConfig, listen, httpAddr string, forwards []string, reg *prometheus.Registry, log *slog.Logger) error {
-	l, err := net.Listen("tcp", listen)
+// runGateway serves the gateway until ctx ends; listen opens its data-plane listeners
+// (--listen and --forward), which may live in a network namespace.
+func runGateway(ctx context.Context, gw *eastwest.Gateway, table *eastwest.Table, xcfg eastwest.XDSConfig, listen func(network, addr string) (net.Listener, error), listenAddr, httpAddr string, forwards []string, reg *prometheus.Registry, log *slog.Logger) error {
+	l, err := listen("tcp", listenAddr)
 	if err != nil {
 		return fmt.Errorf("--listen: %w", err)
 	}
@@ -97,7 +112,7 @@ func runGateway(ctx context.Context, gw *eastwest.Gateway, table *eastwest.Table
 			l.Close()
 			return fmt.Errorf("--forward %q: want LISTEN=TARGET", fw)
 		}
-		fl, err := net.Listen("tcp", from)
+		fl, err := listen("tcp", from)
 		if err != nil {
 			l.Close()
 			return fmt.Errorf("--forward %q: %w", fw, err)

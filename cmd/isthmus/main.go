@@ -44,13 +44,16 @@ func newRootCommand() *cobra.Command {
 		Long: `Isthmus joins Kubernetes clusters, networks and whole meshes into one service mesh.
 
 Start here:
+  isthmus up                        a multi-network mesh on local clusters, checked end to end
+  isthmus scenario list             the deployment models it can bring up
   isthmus cluster up --clusters 2   run two real Kubernetes clusters on this machine
   isthmus cluster list              see their API servers and kubeconfigs
   isthmus cluster down              stop them`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newClusterCommand(), newPrimaryCommand(), newGatewayCommand(), newRemoteSecretCommand(), newStatusCommand(), newTrustCommand(), newVersionCommand())
+	root.AddCommand(newClusterCommand(), newPrimaryCommand(), newGatewayCommand(), newRemoteSecretCommand(), newStatusCommand(), newTrustCommand(), newVersionCommand(),
+		newUpCommand(), newDownCommand(), newScenarioCommand(), newWorkloadCommand())
 	return root
 }
 

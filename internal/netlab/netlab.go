@@ -28,6 +28,9 @@ type Namespace struct {
 	// Name is the namespace's name under /var/run/netns.
 	Name string
 
+	// owned namespaces were created by this process and are deleted by Close.
+	owned bool
+
 	mu sync.RWMutex
 	// fd is an open handle on the namespace, -1 once closed; guarded by mu.
 	fd int
@@ -47,7 +50,7 @@ func New(prefix string) (*Namespace, error) {
 	if err := ip("netns", "add", name); err != nil {
 		return nil, err
 	}
-	ns := &Namespace{Name: name, fd: -1}
+	ns := &Namespace{Name: name, fd: -1, owned: true}
 	if err := ip("-n", name, "link", "set", "lo", "up"); err != nil {
 		ns.Close()
 		return nil, err
@@ -59,6 +62,20 @@ func New(prefix string) (*Namespace, error) {
 	}
 	ns.fd = fd
 	return ns, nil
+}
+
+// Open opens an existing namespace by name (one another process created, say a scenario
+// runner that starts this process), without root if the caller may enter it. Close then
+// releases the handle and leaves the namespace in place.
+func Open(name string) (*Namespace, error) {
+	if name == "" || strings.ContainsAny(name, "/") {
+		return nil, fmt.Errorf("netlab: %q is not a namespace name", name)
+	}
+	fd, err := unix.Open("/var/run/netns/"+name, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("netlab: open namespace %s: %w", name, err)
+	}
+	return &Namespace{Name: name, fd: fd}, nil
 }
 
 // AddAddr gives the namespace a local address (a /32 or /128 on its loopback).
@@ -126,7 +143,8 @@ func (n *Namespace) Dial(ctx context.Context, address string) (net.Conn, error) 
 	return c, err
 }
 
-// Close deletes the namespace. Sockets still open in it keep it alive until they close.
+// Close deletes a namespace New created (sockets still open in it keep it alive until they
+// close); for one Open found, it only releases the handle.
 func (n *Namespace) Close() error {
 	n.mu.Lock()
 	if n.fd >= 0 {
@@ -134,6 +152,9 @@ func (n *Namespace) Close() error {
 		n.fd = -1
 	}
 	n.mu.Unlock()
+	if !n.owned {
+		return nil
+	}
 	return ip("netns", "del", n.Name)
 }
 

@@ -89,3 +89,43 @@ func TestOrphanedNamespacesAreSwept(t *testing.T) {
 		t.Fatal("an orphaned namespace survived New")
 	}
 }
+
+func TestOpenSharesAndLeavesTheNamespace(t *testing.T) {
+	ns, err := New("o")
+	if errors.Is(err, ErrNotRoot) {
+		t.Skip("needs root to create network namespaces (CI runs as root)")
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	if err := ns.AddAddr(netip.MustParseAddr("10.124.0.1")); err != nil {
+		t.Fatal(err)
+	}
+	opened, err := Open(ns.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := opened.Listen("10.124.0.1:0")
+	if err != nil {
+		t.Fatalf("listen through the opened handle: %v", err)
+	}
+	defer l.Close()
+	c, err := ns.Dial(context.Background(), l.Addr().String())
+	if err != nil {
+		t.Fatalf("the creator's handle does not reach the opened handle's listener: %v", err)
+	}
+	c.Close()
+	if err := opened.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if out, _ := exec.Command("ip", "netns", "list").Output(); !strings.Contains(string(out), ns.Name) {
+		t.Fatal("closing an opened handle deleted the namespace")
+	}
+	if _, err := Open("no-such-namespace-" + strconv.Itoa(os.Getpid())); err == nil {
+		t.Fatal("opened a namespace that does not exist")
+	}
+	if _, err := Open("../etc"); err == nil {
+		t.Fatal("accepted a path as a namespace name")
+	}
+}

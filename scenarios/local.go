@@ -1,0 +1,404 @@
+package scenarios
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/isthmus-mesh/isthmus/internal/kubebin"
+	"github.com/isthmus-mesh/isthmus/internal/kubelocal"
+	"github.com/isthmus-mesh/isthmus/internal/netlab"
+	"github.com/isthmus-mesh/isthmus/internal/proc"
+	"github.com/isthmus-mesh/isthmus/mesh"
+)
+
+// ErrNeedsNamespaces is returned by the local provider for a multi-network topology when
+// it cannot separate networks (not root, or namespaces turned off).
+var ErrNeedsNamespaces = errors.New("scenarios: a topology with several networks needs network namespaces, which need root; run as root, or pick a single-network scenario")
+
+// Local is the local provider: internal/kubelocal clusters, a network namespace per
+// network (as root), and every component as a process of the isthmus binary.
+type Local struct {
+	// Binary is the isthmus executable that runs primaries, gateways and workloads;
+	// required.
+	Binary string
+	// Kube are the etcd and Kubernetes binaries; required.
+	Kube *kubebin.Set
+	// NoNamespaces runs every pod on the host's loopback (127.0.0.0/8) even as root. Only
+	// single-network topologies run that way.
+	NoNamespaces bool
+	// Log receives the clusters' events; nil discards.
+	Log *slog.Logger
+}
+
+// Name implements Provider.
+func (l *Local) Name() string { return "local" }
+
+// Start implements Provider.
+func (l *Local) Start(ctx context.Context, t *Topology, dir string, progress func(string)) (Environment, error) {
+	if l.Binary == "" || l.Kube == nil {
+		return nil, errors.New("scenarios: local provider: Binary and Kube are required")
+	}
+	useNS := !l.NoNamespaces && os.Geteuid() == 0
+	if t.MultiNetwork() && !useNS {
+		return nil, ErrNeedsNamespaces
+	}
+	e := &localEnv{p: l, t: t, dir: dir, nets: map[string]*localNet{}, podAddrs: map[netip.Addr]bool{}}
+	if useNS {
+		progress(fmt.Sprintf("creating %d network(s) as network namespaces, forwarding off", len(t.Networks)))
+		if err := e.buildNetworks(); err != nil {
+			e.Close()
+			return nil, err
+		}
+	} else {
+		progress("networks are not separated (single network on the host's loopback)")
+	}
+
+	progress(fmt.Sprintf("starting %d cluster(s): etcd, kube-apiserver, kube-controller-manager and a node agent each", len(t.Clusters)))
+	cfgs := make([]kubelocal.Config, len(t.Clusters))
+	for i, c := range t.Clusters {
+		pod, _ := netip.ParsePrefix(c.PodCIDR)
+		svc, _ := netip.ParsePrefix(c.ServiceCIDR)
+		cfgs[i] = kubelocal.Config{Name: c.Name, Dir: filepath.Join(dir, "clusters", c.Name), Binaries: l.Kube,
+			PodCIDR: pod, ServiceCIDR: svc, Region: c.Region, Zone: c.Zone, Log: l.Log}
+	}
+	start := time.Now()
+	kcs, err := kubelocal.StartMany(ctx, cfgs)
+	if err != nil {
+		e.Close()
+		return nil, err
+	}
+	e.kube = kcs
+	for i, kc := range kcs {
+		client, err := kc.Client()
+		if err != nil {
+			e.Close()
+			return nil, err
+		}
+		e.clusters = append(e.clusters, &Cluster{Name: kc.Name, Network: mesh.NetworkID(t.Clusters[i].Network),
+			Kubeconfig: kc.Kubeconfig, APIServer: kc.URL, REST: kc.RESTConfig(), Client: client})
+	}
+	progress(fmt.Sprintf("%d cluster(s) ready in %.1fs", len(kcs), time.Since(start).Seconds()))
+	return e, nil
+}
+
+// localNet is one network's namespaces: its pods' namespace and, if it has one, its
+// gateway's namespace with the gateway's public address.
+type localNet struct {
+	pods    *netlab.Namespace
+	gateway *netlab.Namespace
+	public  netip.Addr
+}
+
+type localEnv struct {
+	p        *Local
+	t        *Topology
+	dir      string
+	kube     []*kubelocal.Cluster
+	clusters []*Cluster
+
+	mu sync.Mutex
+	// nets, podAddrs and comps are guarded by mu.
+	nets     map[string]*localNet
+	podAddrs map[netip.Addr]bool
+	comps    []*Component
+	closed   bool
+}
+
+// Addressing inside the shared address space 100.64.0.0/10 (RFC 6598), which no pod CIDR
+// of a topology should use:
+//
+//	100.64.255.<g>      network g's gateway, as every other network reaches it (g from 1)
+//	100.100.<g>.1/.2    gateway g's namespace / network g's namespace (the inner link)
+//	100.<80+g>.<n>.1/.2 gateway g's namespace / network n's namespace (outer links)
+//
+// Network n routes 100.64.255.<g> over its outer link to gateway g; gateway g routes its
+// network's pod CIDRs over the inner link. Forwarding is off in every namespace.
+func (e *localEnv) buildNetworks() error {
+	for _, n := range e.t.Networks {
+		ns, err := netlab.New("net")
+		if err != nil {
+			return fmt.Errorf("scenarios: network %s: %w", n.Name, err)
+		}
+		e.nets[n.Name] = &localNet{pods: ns}
+		if err := ns.NoForwarding(); err != nil {
+			return err
+		}
+	}
+	for gi, n := range e.t.Networks {
+		if !n.Gateway {
+			continue
+		}
+		g := gi + 1
+		ns, err := netlab.New("gw")
+		if err != nil {
+			return fmt.Errorf("scenarios: gateway of %s: %w", n.Name, err)
+		}
+		net := e.nets[n.Name]
+		net.gateway, net.public = ns, netip.AddrFrom4([4]byte{100, 64, 255, byte(g)})
+		steps := []error{ns.NoForwarding(), ns.AddAddr(net.public),
+			netlab.Link(ns, net.pods, pfx(100, 100, g, 1), pfx(100, 100, g, 2))}
+		for _, c := range e.t.Clusters {
+			if c.Network == n.Name {
+				cidr, _ := netip.ParsePrefix(c.PodCIDR)
+				steps = append(steps, ns.Route(cidr.Masked(), netip.AddrFrom4([4]byte{100, 100, byte(g), 2})))
+			}
+		}
+		for ni, other := range e.t.Networks {
+			if other.Name == n.Name {
+				continue
+			}
+			steps = append(steps,
+				netlab.Link(ns, e.nets[other.Name].pods, pfx(100, 80+g, ni+1, 1), pfx(100, 80+g, ni+1, 2)),
+				e.nets[other.Name].pods.Route(netip.PrefixFrom(net.public, 32), netip.AddrFrom4([4]byte{100, byte(80 + g), byte(ni + 1), 1})))
+		}
+		for _, err := range steps {
+			if err != nil {
+				return fmt.Errorf("scenarios: gateway of %s: %w", n.Name, err)
+			}
+		}
+	}
+	return nil
+}
+
+func pfx(a, b, c, d int) netip.Prefix {
+	return netip.PrefixFrom(netip.AddrFrom4([4]byte{byte(a), byte(b), byte(c), byte(d)}), 24)
+}
+
+// Clusters implements Environment.
+func (e *localEnv) Clusters() []*Cluster { return e.clusters }
+
+func (e *localEnv) cluster(name string) (*Cluster, error) {
+	for _, c := range e.clusters {
+		if c.Name == name {
+			return c, nil
+		}
+	}
+	return nil, fmt.Errorf("scenarios: no cluster %q", name)
+}
+
+// NetworkCommand implements Environment.
+func (e *localEnv) NetworkCommand(network string) []string {
+	if n, ok := e.nets[network]; ok {
+		return []string{"ip", "netns", "exec", n.pods.Name}
+	}
+	return nil
+}
+
+// StartPrimary implements Environment.
+func (e *localEnv) StartPrimary(ctx context.Context, s PrimarySpec) (*Component, error) {
+	c, err := e.cluster(s.Cluster)
+	if err != nil {
+		return nil, err
+	}
+	ports, err := freePorts(3)
+	if err != nil {
+		return nil, err
+	}
+	addr := map[string]string{"xds": hostPort(ports[0]), "http": hostPort(ports[1]), "ca": hostPort(ports[2])}
+	args := []string{"primary", "--kubeconfig", c.Kubeconfig, "--cluster-id", c.Name, "--ca-dir", s.CADir,
+		"--trust-domain", string(s.TrustDomain), "--xds-address", addr["xds"], "--http-address", addr["http"],
+		"--ca-address", addr["ca"], "--debounce", "20ms", "--probe-interval", "2s"}
+	return e.run(ctx, &Component{Kind: "primary", Name: "primary-" + c.Name, Cluster: c.Name, Network: c.Network, Addresses: addr}, args, nil)
+}
+
+// StartGateway implements Environment.
+func (e *localEnv) StartGateway(ctx context.Context, s GatewaySpec) (*Component, error) {
+	ports, err := freePorts(1)
+	if err != nil {
+		return nil, err
+	}
+	n, ok := e.nets[string(s.Network)]
+	if !ok || n.gateway == nil {
+		return nil, fmt.Errorf("scenarios: network %s has no gateway namespace", s.Network)
+	}
+	public := netip.AddrPortFrom(n.public, 15443)
+	addr := map[string]string{"listen": public.String(), "http": hostPort(ports[0])}
+	args := []string{"gateway", "--netns", n.gateway.Name, "--listen", public.String(), "--http-address", addr["http"],
+		"--xds-address", s.XDS, "--network", string(s.Network), "--cluster-id", s.Cluster, "--idle-timeout", "5m"}
+	return e.run(ctx, &Component{Kind: "gateway", Name: "gateway-" + string(s.Network), Cluster: s.Cluster, Network: s.Network, Addresses: addr, Public: public}, args, nil)
+}
+
+// StartWorkload implements Environment.
+func (e *localEnv) StartWorkload(ctx context.Context, s PodSpec) (*Component, error) {
+	c, err := e.cluster(s.Cluster)
+	if err != nil {
+		return nil, err
+	}
+	ip, netns, err := e.podAddress(c, s.Index)
+	if err != nil {
+		return nil, err
+	}
+	ports, err := freePorts(1)
+	if err != nil {
+		return nil, err
+	}
+	listen := netip.AddrPortFrom(ip, uint16(s.Port))
+	addr := map[string]string{"pod": listen.String(), "admin": hostPort(ports[0])}
+	args := []string{"workload", "--kubeconfig", c.Kubeconfig, "--cluster-id", c.Name, "--network", string(c.Network),
+		"--namespace", s.Namespace, "--pod", s.Pod, "--service-account", s.ServiceAccount, "--app", s.App,
+		"--listen", listen.String(), "--admin-address", addr["admin"], "--xds-address", s.XDS, "--ca-address", s.CA,
+		"--root-cert", s.RootCert, "--dir", filepath.Join(e.dir, "pods", c.Name, s.Pod)}
+	if netns != "" {
+		args = append(args, "--netns", netns)
+	}
+	return e.run(ctx, &Component{Kind: "workload", Name: s.Pod, Cluster: c.Name, Network: c.Network, Addresses: addr}, args, nil)
+}
+
+// podAddress gives pod index of cluster c its address: in the cluster's pod CIDR on its
+// network's namespace, or on the host's loopback without namespaces.
+func (e *localEnv) podAddress(c *Cluster, index int) (netip.Addr, string, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	ci := 0
+	for i, cc := range e.clusters {
+		if cc == c {
+			ci = i
+		}
+	}
+	n, ok := e.nets[string(c.Network)]
+	if !ok {
+		return netip.AddrFrom4([4]byte{127, byte(ci + 1), byte(index / 200), byte(10 + index%200)}), "", nil
+	}
+	spec, _ := e.t.Cluster(c.Name)
+	cidr, _ := netip.ParsePrefix(spec.PodCIDR)
+	b := cidr.Masked().Addr().As4()
+	b[2] += byte(index / 200)
+	b[3] = byte(10 + index%200)
+	a := netip.AddrFrom4(b)
+	if !e.podAddrs[a] {
+		if err := n.pods.AddAddr(a); err != nil {
+			return netip.Addr{}, "", err
+		}
+		e.podAddrs[a] = true
+	}
+	return a, n.pods.Name, nil
+}
+
+// run starts the component's process and waits for its /readyz (on the "http" or "admin"
+// address).
+func (e *localEnv) run(ctx context.Context, comp *Component, args []string, env []string) (*Component, error) {
+	e.mu.Lock()
+	if e.closed {
+		e.mu.Unlock()
+		return nil, errors.New("scenarios: environment closed")
+	}
+	e.mu.Unlock()
+	logs := filepath.Join(e.dir, "logs")
+	if err := os.MkdirAll(logs, 0o755); err != nil {
+		return nil, err
+	}
+	comp.Log = filepath.Join(logs, comp.Name+".log")
+	p, err := proc.Start(comp.Name, e.p.Binary, args, comp.Log, false, env)
+	if err != nil {
+		return nil, err
+	}
+	comp.PID = p.PID()
+	comp.stop = func() error { p.Stop(3 * time.Second); return nil }
+	e.mu.Lock()
+	e.comps = append(e.comps, comp)
+	e.mu.Unlock()
+	health := comp.Addresses["http"]
+	if health == "" {
+		health = comp.Addresses["admin"]
+	}
+	if err := waitReady(ctx, p, "http://"+health+"/readyz", 90*time.Second); err != nil {
+		return nil, fmt.Errorf("scenarios: %s: %w", comp.Name, err)
+	}
+	return comp, nil
+}
+
+// waitReady polls url until it answers 200, the process exits, or timeout passes.
+func waitReady(ctx context.Context, p *proc.Process, url string, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	client := &http.Client{Timeout: 2 * time.Second}
+	last := errors.New("no answer yet")
+	for {
+		if p.Exited() {
+			return p.ExitError()
+		}
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+		resp, err := client.Do(req)
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return nil
+			}
+			last = fmt.Errorf("%s answered %s", url, resp.Status)
+		} else {
+			last = err
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("not ready after %s (%v); log: %s", timeout, last, p.LogPath)
+		case <-p.Done():
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// Close implements Environment: components in reverse start order, then clusters, then
+// namespaces (after every process that had sockets in them is gone).
+func (e *localEnv) Close() error {
+	e.mu.Lock()
+	if e.closed {
+		e.mu.Unlock()
+		return nil
+	}
+	e.closed = true
+	comps := e.comps
+	e.mu.Unlock()
+	var wg sync.WaitGroup
+	for _, c := range comps {
+		wg.Add(1)
+		go func() { defer wg.Done(); c.Stop() }()
+	}
+	wg.Wait()
+	for _, kc := range e.kube {
+		wg.Add(1)
+		go func() { defer wg.Done(); kc.Stop() }()
+	}
+	wg.Wait()
+	var errs []error
+	for _, n := range e.nets {
+		for _, ns := range []*netlab.Namespace{n.gateway, n.pods} {
+			if ns != nil {
+				errs = append(errs, ns.Close())
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// freePorts asks the kernel for n unused loopback ports. Another process may take one
+// before the component binds it; the component then fails to start with a clear error.
+func freePorts(n int) ([]int, error) {
+	var ports []int
+	var ls []net.Listener
+	defer func() {
+		for _, l := range ls {
+			l.Close()
+		}
+	}()
+	for range n {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, fmt.Errorf("scenarios: find a free port: %w", err)
+		}
+		ls = append(ls, l)
+		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+	}
+	return ports, nil
+}
+
+func hostPort(port int) string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(port)) }

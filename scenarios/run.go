@@ -356,4 +356,3 @@ func (t *Topology) ServicePort(service string) int {
 	}
 	return 0
 }
-

@@ -27,8 +27,8 @@ import (
 func newGatewayCommand() *cobra.Command {
 	var (
 		xdsAddr, network, cluster, listen, httpAddr, logLevel, netns string
-		forwards                                              []string
-		cfg                                                   eastwest.Config
+		forwards                                                     []string
+		cfg                                                          eastwest.Config
 	)
 	cmd := &cobra.Command{
 		Use:   "gateway",

@@ -29,7 +29,7 @@ const sniEnv = "GRPC_EXPERIMENTAL_XDS_SNI"
 func newWorkloadCommand() *cobra.Command {
 	var (
 		kubeconfig, clusterID, network, listen, netns, xdsAddr, caAddr, rootCert string
-		cfg                                                                     scenarios.WorkloadConfig
+		cfg                                                                      scenarios.WorkloadConfig
 	)
 	cmd := &cobra.Command{
 		Use:   "workload",

@@ -22,7 +22,7 @@ unit:
 	$(GO) test -race -short -count=1 $(PKGS)
 
 ## fuzz: run every fuzz target for FUZZTIME
-FUZZPKGS := ./mesh ./remote ./eastwest
+FUZZPKGS := ./mesh ./remote ./eastwest ./scenarios
 fuzz:
 	@for pkg in $(FUZZPKGS); do \
 	  for target in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz'); do \
@@ -35,12 +35,17 @@ fuzz:
 binaries:
 	$(GO) run ./cmd/isthmus cluster binaries
 
-## up: the main job, two real local clusters that keep running (stop with `make down`)
-up:
-	$(GO) run ./cmd/isthmus cluster up --clusters 2
+## up: the main job, a multi-network mesh on local clusters, checked end to end; keeps
+## running until Ctrl-C (ARGS="--detach" returns, `make down` stops it)
+BIN := $(HOME)/.cache/isthmus/bin/isthmus
+ARGS ?=
+up: binaries
+	$(GO) build -o $(BIN) ./cmd/isthmus
+	$(BIN) up $(ARGS)
 
 down:
-	$(GO) run ./cmd/isthmus cluster down
+	$(GO) build -o $(BIN) ./cmd/isthmus
+	$(BIN) down
 
 ## bench: the benchmarks recorded in docs/benchmarks.md
 bench:

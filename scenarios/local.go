@@ -14,6 +14,9 @@ import (
 	"sync"
 	"time"
 
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+
 	"github.com/isthmus-mesh/isthmus/internal/kubebin"
 	"github.com/isthmus-mesh/isthmus/internal/kubelocal"
 	"github.com/isthmus-mesh/isthmus/internal/netlab"
@@ -79,7 +82,11 @@ func (l *Local) Start(ctx context.Context, t *Topology, dir string, progress fun
 	}
 	e.kube = kcs
 	for i, kc := range kcs {
-		client, err := kc.Client()
+		// The runner publishes gateways with spec.externalIPs, which the API server warns
+		// about on every write; the warning says nothing to a scenario's user.
+		rc := kc.RESTConfig()
+		rc.WarningHandler = rest.NoWarnings{}
+		client, err := kubernetes.NewForConfig(rc)
 		if err != nil {
 			e.Close()
 			return nil, err

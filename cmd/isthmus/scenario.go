@@ -181,17 +181,19 @@ Exit codes: 0 every expectation holds; 1 some cell failed or the scenario could 
 			if err != nil {
 				return err
 			}
-			defer os.RemoveAll(runDir)
 			defer r.Close()
 			rep, err := r.Check(cmd.Context(), scenarios.CheckOptions{Timeout: f.timeout})
 			if err != nil {
 				return err
 			}
+			if rep.Passed {
+				defer os.RemoveAll(runDir) // after Close; a failed run keeps its logs
+			}
 			if err := out.print(cmd.OutOrStdout(), rep, func(tw *tabwriter.Writer) { rep.WriteTable(tw) }); err != nil {
 				return err
 			}
 			if !rep.Passed {
-				return exitError{code: 1, err: fmt.Errorf("scenario %s: expectations failed; the logs were in %s", t.Name, runDir)}
+				return exitError{code: 1, err: fmt.Errorf("scenario %s: expectations failed; logs are in %s", t.Name, runDir)}
 			}
 			return nil
 		},

@@ -26,6 +26,10 @@ import (
 // client needs to cross an SNI-routing gateway. grpc-go reads it once at start-up.
 const sniEnv = "GRPC_EXPERIMENTAL_XDS_SNI"
 
+// bootstrapEnv holds grpc-go's xDS bootstrap (the xDS server, the node, the certificate
+// provider); grpc-go reads it once at start-up.
+const bootstrapEnv = "GRPC_XDS_BOOTSTRAP_CONFIG"
+
 func newWorkloadCommand() *cobra.Command {
 	var (
 		kubeconfig, clusterID, network, listen, netns, xdsAddr, caAddr, rootCert string
@@ -45,13 +49,6 @@ runner starts these; run it by hand to add a pod to a running scenario.`,
 		Hidden: true,
 		Args:   cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if os.Getenv(sniEnv) != "true" {
-				exe, err := os.Executable()
-				if err != nil {
-					return err
-				}
-				return syscall.Exec(exe, os.Args, append(os.Environ(), sniEnv+"=true"))
-			}
 			var err error
 			if cfg.Cluster, err = mesh.ParseClusterID(clusterID); err != nil {
 				return fmt.Errorf("--cluster-id: %w", err)
@@ -62,6 +59,19 @@ runner starts these; run it by hand to add a pod to a running scenario.`,
 			}
 			if cfg.Listen, err = netip.ParseAddrPort(listen); err != nil {
 				return fmt.Errorf("--listen: %w", err)
+			}
+			// grpc-go reads its xDS bootstrap and the SNI switch from the environment at
+			// start-up, so the process runs itself again with both set.
+			bootstrap, err := scenarios.XDSBootstrap(xdsAddr, cfg.Cluster, nw, cfg.Namespace, cfg.Pod, cfg.Listen.Addr().String(), cfg.Dir)
+			if err != nil {
+				return err
+			}
+			if os.Getenv(sniEnv) != "true" || os.Getenv(bootstrapEnv) != string(bootstrap) {
+				exe, err := os.Executable()
+				if err != nil {
+					return err
+				}
+				return syscall.Exec(exe, os.Args, append(os.Environ(), sniEnv+"=true", bootstrapEnv+"="+string(bootstrap)))
 			}
 			rc, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
 			if err != nil {
@@ -94,12 +104,6 @@ runner starts these; run it by hand to add a pod to a running scenario.`,
 			}
 			defer conn.Close()
 			cfg.CA = pb.NewIstioCertificateServiceClient(conn)
-			bootstrap, err := scenarios.XDSBootstrap(xdsAddr, cfg.Cluster, nw, cfg.Namespace, cfg.Pod, cfg.Listen.Addr().String(), cfg.Dir)
-			if err != nil {
-				return err
-			}
-			// grpc-go reads its xDS bootstrap when the first xds:/// channel is made.
-			os.Setenv("GRPC_XDS_BOOTSTRAP_CONFIG", string(bootstrap))
 			cfg.Log = slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), nil)).With("pod", cfg.Pod, "cluster", cfg.Cluster)
 			return scenarios.RunWorkload(cmd.Context(), cfg)
 		},

@@ -160,7 +160,7 @@ func TestMultiNetwork(t *testing.T) {
 		t.Fatal("multi-network failed")
 	}
 	c := cell(t, rep, "cluster-1", "echo.demo")
-	if fmt.Sprint(c.Answered) != "[{cluster-1 direct} {cluster-2 gateway network-2}]" {
+	if fmt.Sprint(c.Answered) != "[cluster-1 (direct) cluster-2 (gateway network-2)]" {
 		t.Errorf("cluster-1's answers %v; want cluster-2 through network-2's gateway", c.Answered)
 	}
 	if fmt.Sprint(c.CallerIdentities) != "[spiffe://cluster.local/ns/clients/sa/client]" {
@@ -211,7 +211,7 @@ func TestMultiNetworkNeedsNamespaces(t *testing.T) {
 }
 
 // TestSingleNetworkWithoutNamespaces runs a scenario as an unprivileged user would: pods on
-// the host's loopback.
+// the host's address, a port each.
 func TestSingleNetworkWithoutNamespaces(t *testing.T) {
 	p := provider(t)
 	p.NoNamespaces = true
@@ -219,8 +219,8 @@ func TestSingleNetworkWithoutNamespaces(t *testing.T) {
 	if rep := check(t, r, scenarios.CheckOptions{}); !rep.Passed {
 		t.Fatal("single-cluster without namespaces failed")
 	}
-	if a := r.Clients["cluster-1"].Addresses["pod"]; !strings.HasPrefix(a, "127.") {
-		t.Errorf("client pod at %s; want the host's loopback", a)
+	if a := r.Clients["cluster-1"].Addresses["pod"]; strings.HasPrefix(a, "10.1.") {
+		t.Errorf("client pod at %s, in the pod CIDR; want the host's address", a)
 	}
 }
 

@@ -36,7 +36,7 @@ type Local struct {
 	Binary string
 	// Kube are the etcd and Kubernetes binaries; required.
 	Kube *kubebin.Set
-	// NoNamespaces runs every pod on the host's loopback (127.0.0.0/8) even as root. Only
+	// NoNamespaces runs every pod on the host's own address (a port each) even as root. Only
 	// single-network topologies run that way.
 	NoNamespaces bool
 	// Log receives the clusters' events; nil discards.
@@ -63,7 +63,7 @@ func (l *Local) Start(ctx context.Context, t *Topology, dir string, progress fun
 			return nil, err
 		}
 	} else {
-		progress("networks are not separated (single network on the host's loopback)")
+		progress("networks are not separated: every pod on this host's address, a port each")
 	}
 
 	progress(fmt.Sprintf("starting %d cluster(s): etcd, kube-apiserver, kube-controller-manager and a node agent each", len(t.Clusters)))
@@ -241,7 +241,7 @@ func (e *localEnv) StartWorkload(ctx context.Context, s PodSpec) (*Component, er
 	if err != nil {
 		return nil, err
 	}
-	ip, netns, err := e.podAddress(c, s.Index)
+	listen, netns, err := e.podAddress(c, s.Index, s.Port)
 	if err != nil {
 		return nil, err
 	}
@@ -249,7 +249,6 @@ func (e *localEnv) StartWorkload(ctx context.Context, s PodSpec) (*Component, er
 	if err != nil {
 		return nil, err
 	}
-	listen := netip.AddrPortFrom(ip, uint16(s.Port))
 	addr := map[string]string{"pod": listen.String(), "admin": hostPort(ports[0])}
 	args := []string{"workload", "--kubeconfig", c.Kubeconfig, "--cluster-id", c.Name, "--network", string(c.Network),
 		"--namespace", s.Namespace, "--pod", s.Pod, "--service-account", s.ServiceAccount, "--app", s.App,
@@ -262,19 +261,24 @@ func (e *localEnv) StartWorkload(ctx context.Context, s PodSpec) (*Component, er
 }
 
 // podAddress gives pod index of cluster c its address: in the cluster's pod CIDR on its
-// network's namespace, or on the host's loopback without namespaces.
-func (e *localEnv) podAddress(c *Cluster, index int) (netip.Addr, string, error) {
+// network's namespace, with the workload's port. Without namespaces every pod has the
+// host's own address (Kubernetes refuses loopback endpoint addresses) and a port of its
+// own.
+func (e *localEnv) podAddress(c *Cluster, index, port int) (netip.AddrPort, string, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	ci := 0
-	for i, cc := range e.clusters {
-		if cc == c {
-			ci = i
-		}
-	}
 	n, ok := e.nets[string(c.Network)]
 	if !ok {
-		return netip.AddrFrom4([4]byte{127, byte(ci + 1), byte(index / 200), byte(10 + index%200)}), "", nil
+		host, err := hostAddress()
+		if err != nil {
+			return netip.AddrPort{}, "", err
+		}
+		l, err := net.Listen("tcp", net.JoinHostPort(host.String(), "0"))
+		if err != nil {
+			return netip.AddrPort{}, "", fmt.Errorf("scenarios: find a free port on %s: %w", host, err)
+		}
+		defer l.Close()
+		return netip.AddrPortFrom(host, uint16(l.Addr().(*net.TCPAddr).Port)), "", nil
 	}
 	spec, _ := e.t.Cluster(c.Name)
 	cidr, _ := netip.ParsePrefix(spec.PodCIDR)
@@ -284,11 +288,32 @@ func (e *localEnv) podAddress(c *Cluster, index int) (netip.Addr, string, error)
 	a := netip.AddrFrom4(b)
 	if !e.podAddrs[a] {
 		if err := n.pods.AddAddr(a); err != nil {
-			return netip.Addr{}, "", err
+			return netip.AddrPort{}, "", err
 		}
 		e.podAddrs[a] = true
 	}
-	return a, n.pods.Name, nil
+	return netip.AddrPortFrom(a, uint16(port)), n.pods.Name, nil
+}
+
+// hostAddress returns an IPv4 address of this host that is not loopback: pods of a
+// topology without separated networks share it.
+func hostAddress() (netip.Addr, error) {
+	ifaces, err := net.Interfaces()
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	for _, ifc := range ifaces {
+		if ifc.Flags&net.FlagUp == 0 || ifc.Flags&net.FlagLoopback != 0 {
+			continue
+		}
+		addrs, _ := ifc.Addrs()
+		for _, a := range addrs {
+			if p, err := netip.ParsePrefix(a.String()); err == nil && p.Addr().Is4() && !p.Addr().IsLinkLocalUnicast() {
+				return p.Addr(), nil
+			}
+		}
+	}
+	return netip.Addr{}, errors.New("scenarios: this host has no non-loopback IPv4 address for pods (Kubernetes refuses loopback endpoints); run as root to use network namespaces")
 }
 
 // run starts the component's process and waits for its /readyz (on the "http" or "admin"

@@ -30,7 +30,7 @@ func (f *scenarioFlags) register(cmd *cobra.Command, defaultName string) {
 	fs.StringVar(&f.name, "scenario", defaultName, "built-in scenario to run (see `isthmus scenario list`)")
 	fs.StringVarP(&f.file, "filename", "f", "", "topology file to run instead of a built-in scenario")
 	fs.StringVar(&f.dir, "state-dir", defaultScenarioDir(), "where runs keep their clusters, certificates and logs")
-	fs.BoolVar(&f.noNamespaces, "no-namespaces", false, "run pods on the host's loopback even as root (single-network scenarios only)")
+	fs.BoolVar(&f.noNamespaces, "no-namespaces", false, "run pods on this host's address (a port each) even as root (single-network scenarios only)")
 	fs.DurationVar(&f.timeout, "timeout", 60*time.Second, "how long the checks wait for the mesh to converge")
 }
 

@@ -1,6 +1,7 @@
 package primary
 
 import (
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	"net/netip"
 	"testing"
 
@@ -159,6 +160,20 @@ func TestBuildResourcesValidateForEveryProxyKind(t *testing.T) {
 			}
 			if key.Kind == ProxyGRPC && clusters[0].(*cluster.Cluster).GetTransportSocket() == nil {
 				t.Fatal("a service with mTLS-ready endpoints must get an mTLS transport socket for proxyless clients")
+			}
+			if key.Kind == ProxySidecar {
+				// Envoy takes its certificate and roots over SDS from its agent.
+				var up tlsv3.UpstreamTlsContext
+				if err := clusters[0].(*cluster.Cluster).GetTransportSocket().GetTypedConfig().UnmarshalTo(&up); err != nil {
+					t.Fatalf("sidecar cluster without an mTLS transport socket: %v", err)
+				}
+				ctc := up.GetCommonTlsContext()
+				if up.Sni != "outbound_.8080_._.echo.demo.svc.cluster.local" ||
+					ctc.GetTlsCertificateSdsSecretConfigs()[0].GetName() != "default" ||
+					ctc.GetValidationContextSdsSecretConfig().GetName() != "ROOTCA" ||
+					ctc.GetValidationContextSdsSecretConfig().GetSdsConfig().GetApiConfigSource().GetGrpcServices()[0].GetEnvoyGrpc().GetClusterName() != SDSCluster {
+					t.Fatalf("sidecar upstream TLS: %v", &up)
+				}
 			}
 			cla := res[resource.EndpointType][0].(*endpoint.ClusterLoadAssignment)
 			for _, loc := range cla.Endpoints {

@@ -27,6 +27,7 @@ import (
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/isthmus-mesh/isthmus/mesh"
+	"github.com/isthmus-mesh/isthmus/trust"
 )
 
 // ClusterName returns the Istio-style name of a service port's cluster,
@@ -126,12 +127,16 @@ func (b *Builder) Build(v *View, key ViewKey) (Resources, error) {
 func buildService(svc *MergedService, key ViewKey, gateways map[mesh.NetworkID][]Gateway) (*serviceResources, error) {
 	sr := &serviceResources{}
 	localOnly := key.Kind == ProxyGateway
-	mtls := key.Kind == ProxyGRPC && slices.ContainsFunc(svc.Endpoints, func(e mesh.Endpoint) bool { return e.MTLSReady })
+	mtls := key.Kind != ProxyGateway && slices.ContainsFunc(svc.Endpoints, func(e mesh.Endpoint) bool { return e.MTLSReady })
 	for _, p := range svc.Ports {
 		name := ClusterName(p.Port, "", svc.Hostname)
 		c := edsCluster(name)
 		if mtls {
-			ts, err := grpcUpstreamTLS(sniFor(p.Port, svc.Hostname))
+			upstream := grpcUpstreamTLS
+			if key.Kind == ProxySidecar {
+				upstream = envoyUpstreamTLS
+			}
+			ts, err := upstream(sniFor(p.Port, svc.Hostname))
 			if err != nil {
 				return nil, err
 			}
@@ -391,6 +396,38 @@ func grpcUpstreamTLS(sni string) (*core.TransportSocket, error) {
 			ValidationContextType: &tlsv3.CommonTlsContext_ValidationContext{ValidationContext: &tlsv3.CertificateValidationContext{
 				CaCertificateProviderInstance: &tlsv3.CertificateProviderPluginInstance{InstanceName: CertProviderInstance, CertificateName: RootCertName},
 			}},
+		},
+	}
+	a, err := anypb.New(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return &core.TransportSocket{Name: "envoy.transport_sockets.tls", ConfigType: &core.TransportSocket_TypedConfig{TypedConfig: a}}, nil
+}
+
+// SDSCluster is the cluster through which an Envoy sidecar reaches its agent's SDS server
+// (Istio's name; the bootstrap defines it as the agent's Unix socket).
+const SDSCluster = "sds-grpc"
+
+// envoyUpstreamTLS is the mTLS transport socket of an Envoy sidecar's cluster: the
+// workload certificate ("default") and the roots ("ROOTCA") come over SDS from the
+// workload's agent and are rotated there, and the SNI lets east-west gateways route.
+func envoyUpstreamTLS(sni string) (*core.TransportSocket, error) {
+	source := &core.ConfigSource{
+		ResourceApiVersion: core.ApiVersion_V3,
+		ConfigSourceSpecifier: &core.ConfigSource_ApiConfigSource{ApiConfigSource: &core.ApiConfigSource{
+			ApiType:             core.ApiConfigSource_GRPC,
+			TransportApiVersion: core.ApiVersion_V3,
+			GrpcServices: []*core.GrpcService{{TargetSpecifier: &core.GrpcService_EnvoyGrpc_{
+				EnvoyGrpc: &core.GrpcService_EnvoyGrpc{ClusterName: SDSCluster}}}},
+		}},
+	}
+	ctx := &tlsv3.UpstreamTlsContext{
+		Sni: sni,
+		CommonTlsContext: &tlsv3.CommonTlsContext{
+			TlsCertificateSdsSecretConfigs: []*tlsv3.SdsSecretConfig{{Name: trust.SDSIdentitySecret, SdsConfig: source}},
+			ValidationContextType: &tlsv3.CommonTlsContext_ValidationContextSdsSecretConfig{
+				ValidationContextSdsSecretConfig: &tlsv3.SdsSecretConfig{Name: trust.SDSRootSecret, SdsConfig: source}},
 		},
 	}
 	a, err := anypb.New(ctx)

@@ -47,6 +47,17 @@ type AgentConfig struct {
 	TTL time.Duration
 	// Log receives renewals and failures; nil discards.
 	Log *slog.Logger
+	// OnIssue, when set, is called after each new certificate is on disk (an SDS server
+	// pushes it to Envoy from here). It must not block for long.
+	OnIssue func(Issued)
+}
+
+// Issued is a certificate an Agent obtained, as written to its files.
+type Issued struct {
+	Leaf     *x509.Certificate
+	ChainPEM []byte // leaf then intermediates
+	KeyPEM   []byte // PKCS#8
+	RootPEM  []byte // the root that ends the chain
 }
 
 // Agent keeps a workload's certificate current on disk: it requests one at start, then
@@ -165,6 +176,9 @@ func (a *Agent) renew(ctx context.Context) (time.Time, error) {
 	a.mu.Lock()
 	a.current = leaf
 	a.mu.Unlock()
+	if a.cfg.OnIssue != nil {
+		a.cfg.OnIssue(Issued{Leaf: leaf, ChainPEM: files[AgentCertFile], KeyPEM: files[AgentKeyFile], RootPEM: files[AgentRootFile]})
+	}
 	// Half of the remaining life, counted from now: NotBefore is backdated for clock skew.
 	now := time.Now()
 	half := now.Add(leaf.NotAfter.Sub(now) / 2)

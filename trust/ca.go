@@ -14,6 +14,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 
 	"github.com/isthmus-mesh/isthmus/mesh"
@@ -37,8 +38,37 @@ type Authority struct {
 	Key         crypto.Signer
 	// Chain is Cert's issuers, nearest first, ending with the root; empty for a root.
 	Chain []*x509.Certificate
-	// Root is the trust anchor (Cert itself for a root).
+	// Root is the root of this CA's own chain (Cert itself for a root).
 	Root *x509.Certificate
+	// Anchors are every root the CA's workloads must trust, Root among them: more than
+	// one while a root rotates (root-cert.pem then holds several). Nil means just Root.
+	Anchors []*x509.Certificate
+}
+
+// TrustAnchors returns the roots workloads must trust: Anchors, or Root alone.
+func (a *Authority) TrustAnchors() []*x509.Certificate {
+	if len(a.Anchors) == 0 {
+		return []*x509.Certificate{a.Root}
+	}
+	return a.Anchors
+}
+
+// AnchorsPEM returns TrustAnchors as concatenated PEM (the content of root-cert.pem).
+func (a *Authority) AnchorsPEM() []byte {
+	var out []byte
+	for _, c := range a.TrustAnchors() {
+		out = append(out, certPEM(c)...)
+	}
+	return out
+}
+
+// AnchorPool returns TrustAnchors as a certificate pool.
+func (a *Authority) AnchorPool() *x509.CertPool {
+	pool := x509.NewCertPool()
+	for _, c := range a.TrustAnchors() {
+		pool.AddCert(c)
+	}
+	return pool
 }
 
 // RootOptions configures NewRoot.
@@ -169,7 +199,7 @@ func (a *Authority) PluggedFiles() (map[string][]byte, error) {
 	return map[string][]byte{
 		CACertFile:    certPEM(a.Cert),
 		CAKeyFile:     pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}),
-		RootCertFile:  certPEM(a.Root),
+		RootCertFile:  a.AnchorsPEM(),
 		CertChainFile: chain,
 	}, nil
 }
@@ -251,8 +281,23 @@ func ParsePlugged(files map[string][]byte) (*Authority, error) {
 		}
 		chain = all
 	}
+	// root-cert.pem may hold several roots (a rotation in progress); the CA's own root is
+	// the one its chain ends with, or the certificate itself for a root CA.
 	root := roots[0]
+	switch {
+	case slices.ContainsFunc(roots, cert.Equal):
+		root = cert
+	case len(chain) > 0:
+		last := chain[len(chain)-1]
+		if !slices.ContainsFunc(roots, last.Equal) {
+			return nil, fmt.Errorf("trust: %s ends with %q, which %s does not hold", CertChainFile, last.Subject, RootCertFile)
+		}
+		root = last
+	}
 	a := &Authority{Cert: cert, Key: key, Chain: chain, Root: root, TrustDomain: "cluster.local"}
+	if len(roots) > 1 {
+		a.Anchors = append([]*x509.Certificate{root}, slices.DeleteFunc(slices.Clone(roots), root.Equal)...)
+	}
 	if cert.Equal(root) {
 		a.Chain = nil
 		a.Root = cert

@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -79,6 +80,9 @@ type Server struct {
 	mu sync.Mutex
 	// cache holds successful TokenReviews by (cluster, token hash); guarded by mu.
 	cache map[string]cachedReview
+
+	// auth is the signing authority, swapped by SetAuthority (a reloaded plug-in CA).
+	auth atomic.Pointer[Authority]
 }
 
 type cachedReview struct {
@@ -113,6 +117,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "isthmus_trust_csr_refused_total", Help: "CSRs refused, by gRPC code."}, []string{"code"}),
 		reviews: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "isthmus_trust_token_reviews_total", Help: "Token authentications, by result (cached, reviewed, failed)."}, []string{"result"}),
 	}
+	s.auth.Store(cfg.Authority)
 	for _, c := range []prometheus.Collector{s.issued, s.refused, s.reviews} {
 		if err := cfg.Metrics.Register(c); err != nil {
 			return nil, err
@@ -152,7 +157,7 @@ func (s *Server) create(ctx context.Context, req *pb.IstioCertificateRequest) (*
 	} else if v > 0 {
 		ttl = min(time.Duration(v)*time.Second, s.cfg.MaxTTL)
 	}
-	chain, err := s.cfg.Authority.Sign(csr, id, ttl)
+	chain, err := s.authority().Sign(csr, id, ttl)
 	switch {
 	case errors.Is(err, ErrWrongIdentity):
 		return nil, status.Error(codes.PermissionDenied, err.Error())
@@ -201,8 +206,7 @@ func (s *Server) peerIdentity(ctx context.Context) (mesh.Identity, bool) {
 		return mesh.Identity{}, false
 	}
 	leaf := ti.State.PeerCertificates[0]
-	roots := x509.NewCertPool()
-	roots.AddCert(s.cfg.Authority.Root)
+	roots := s.authority().AnchorPool()
 	inter := x509.NewCertPool()
 	for _, c := range ti.State.PeerCertificates[1:] {
 		inter.AddCert(c)
@@ -250,7 +254,7 @@ func (s *Server) review(ctx context.Context, cluster mesh.ClusterID, token strin
 		s.reviews.WithLabelValues("failed").Inc()
 		return mesh.Identity{}, status.Errorf(codes.Unauthenticated, "trust: %q is not a service account", tr.Status.User.Username)
 	}
-	id, err := mesh.NewIdentity(s.cfg.Authority.TrustDomain, ns, sa)
+	id, err := mesh.NewIdentity(s.authority().TrustDomain, ns, sa)
 	if err != nil {
 		return mesh.Identity{}, status.Error(codes.Unauthenticated, err.Error())
 	}

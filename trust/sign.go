@@ -107,6 +107,11 @@ func (a *Authority) Sign(csr *x509.CertificateRequest, id mesh.Identity, ttl tim
 	for _, c := range a.Chain {
 		chain = append(chain, string(certPEM(c)))
 	}
+	// The last element carries every trust anchor (Istio's agents write it as the root
+	// file), so workloads trust both roots while one rotates.
+	if len(a.Anchors) > 1 {
+		chain[len(chain)-1] = string(a.AnchorsPEM())
+	}
 	return chain, nil
 }
 

@@ -12,10 +12,6 @@ import (
 	"slices"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/kubernetes"
 
 	"github.com/isthmus-mesh/isthmus/mesh"
 )
@@ -57,41 +53,6 @@ func (d DirStore) Save(_ context.Context, files map[string][]byte) error {
 		}
 	}
 	return nil
-}
-
-// SecretStore is the Secret cacerts in a cluster's control-plane namespace.
-type SecretStore struct {
-	ID        mesh.ClusterID
-	Client    kubernetes.Interface
-	Namespace string
-}
-
-// Cluster implements CAStore.
-func (s SecretStore) Cluster() mesh.ClusterID { return s.ID }
-
-// Load implements CAStore.
-func (s SecretStore) Load(ctx context.Context) (map[string][]byte, error) {
-	sec, err := s.Client.CoreV1().Secrets(s.Namespace).Get(ctx, SecretName, metav1.GetOptions{})
-	if err != nil {
-		return nil, fmt.Errorf("trust: secret %s/%s in %s: %w", s.Namespace, SecretName, s.ID, err)
-	}
-	return sec.Data, nil
-}
-
-// Save implements CAStore (one update: the Secret changes as a whole).
-func (s SecretStore) Save(ctx context.Context, files map[string][]byte) error {
-	secrets := s.Client.CoreV1().Secrets(s.Namespace)
-	sec, err := secrets.Get(ctx, SecretName, metav1.GetOptions{})
-	if apierrors.IsNotFound(err) {
-		_, err = secrets.Create(ctx, &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: SecretName, Namespace: s.Namespace}, Data: files}, metav1.CreateOptions{})
-		return err
-	}
-	if err != nil {
-		return err
-	}
-	sec.Data = files
-	_, err = secrets.Update(ctx, sec, metav1.UpdateOptions{})
-	return err
 }
 
 // Rotation phases, in order.

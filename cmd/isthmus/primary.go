@@ -92,7 +92,7 @@ Endpoints:
 			if err != nil {
 				return err
 			}
-			var ca *grpc.Server
+			var ca *caServer
 			if caDir != "" {
 				if ca, err = newCAServer(p, cfg, caDir, reg); err != nil {
 					return err
@@ -174,7 +174,7 @@ func parseGateways(in []string) ([]primary.Gateway, error) {
 // certificate it issues for the control plane's names, and TokenReviews through the
 // primary's cluster clients (so callers from linked remote clusters are authenticated in
 // their own cluster).
-func newCAServer(p *primary.Primary, cfg primary.Config, dir string, reg *prometheus.Registry) (*grpc.Server, error) {
+func newCAServer(p *primary.Primary, cfg primary.Config, dir string, reg *prometheus.Registry) (*caServer, error) {
 	auth, err := trust.LoadDir(dir)
 	if err != nil {
 		return nil, fmt.Errorf("--ca-dir: %w", err)
@@ -200,10 +200,18 @@ func newCAServer(p *primary.Primary, cfg primary.Config, dir string, reg *promet
 	// requests authenticate with a token instead.
 	g := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{tc}, ClientAuth: tls.RequestClientCert, MinVersion: tls.VersionTLS12})))
 	srv.Register(g)
-	return g, nil
+	return &caServer{grpc: g, ca: srv, dir: dir}, nil
 }
 
-func runPrimary(ctx context.Context, p *primary.Primary, reg *prometheus.Registry, xdsAddr, httpAddr string, ca *grpc.Server, caAddr string, log *slog.Logger) error {
+// caServer is the primary's CA: its gRPC server, the CSR service, and the plug-in CA
+// directory it reloads (a root rotation rewrites it).
+type caServer struct {
+	grpc *grpc.Server
+	ca   *trust.Server
+	dir  string
+}
+
+func runPrimary(ctx context.Context, p *primary.Primary, reg *prometheus.Registry, xdsAddr, httpAddr string, ca *caServer, caAddr string, log *slog.Logger) error {
 	xl, err := net.Listen("tcp", xdsAddr)
 	if err != nil {
 		return fmt.Errorf("xDS listener: %w", err)
@@ -224,12 +232,20 @@ func runPrimary(ctx context.Context, p *primary.Primary, reg *prometheus.Registr
 	}
 	log.Info("primary serving", "xds", xl.Addr().String(), "http", hl.Addr().String())
 	g, ctx := errgroup.WithContext(ctx)
+	mux := http.NewServeMux()
+	mux.Handle("/", p.Handler(reg))
 	if ca != nil {
-		g.Go(func() error { return ca.Serve(cl) })
+		g.Go(func() error { return ca.grpc.Serve(cl) })
+		// The plug-in CA is re-read when its files change, so `isthmus trust rotate` (or
+		// an operator replacing the files) takes effect without a restart.
+		g.Go(func() error {
+			return trust.ReloadDir(ctx, ca.ca, ca.dir, 2*time.Second, func(err error) { log.Error("CA reload refused; still signing with the previous CA", "err", err) })
+		})
+		mux.Handle("/debug/trustz", ca.ca.DebugHandler())
 	}
 	gs := grpc.NewServer()
 	p.RegisterXDS(ctx, gs)
-	hs := &http.Server{Handler: p.Handler(reg), ReadHeaderTimeout: 10 * time.Second}
+	hs := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	g.Go(func() error { return gs.Serve(xl) })
 	g.Go(func() error {
 		if err := hs.Serve(hl); !errors.Is(err, http.ErrServerClosed) {
@@ -245,7 +261,7 @@ func runPrimary(ctx context.Context, p *primary.Primary, reg *prometheus.Registr
 		hs.Shutdown(sctx)
 		servers := []*grpc.Server{gs}
 		if ca != nil {
-			servers = append(servers, ca)
+			servers = append(servers, ca.grpc)
 		}
 		for _, s := range servers {
 			done := make(chan struct{})

@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -160,6 +161,29 @@ func TestPrimaryAndStatusCommands(t *testing.T) {
 	leaf, _ := x509.ParseCertificate(leafBlock.Bytes)
 	if leaf.URIs[0].String() != "spiffe://cluster.local/ns/default/sa/echo" {
 		t.Fatalf("issued %v", leaf.URIs)
+	}
+
+	// A root rotation under the running primary: it reloads its CA directory, and each
+	// phase is confirmed on its /debug/trustz.
+	state := filepath.Join(t.TempDir(), "rotation.json")
+	if _, stderr, err := run(t, bin, "trust", "rotate", "--ca-dir", "west="+caDir, "--state", state); err == nil || !strings.Contains(stderr, "no --primary west=HOST:PORT") {
+		t.Fatalf("rotate without a primary to confirm on: %v\n%s", err, stderr)
+	}
+	stdout, stderr, err = run(t, bin, "trust", "rotate", "--ca-dir", "west="+caDir, "--primary", "west="+httpAddr, "--state", state,
+		"--publish", "1s", "--reissue", "1s", "--check-timeout", "30s")
+	if err != nil || !strings.Contains(stdout, "done: every CA signs under the new root") {
+		log, _ := os.ReadFile(logPath)
+		t.Fatalf("trust rotate: %v\n%s%s\n--- primary log:\n%s", err, stdout, stderr, log)
+	}
+	var tz trust.TrustStatus
+	hresp, err := http.Get("http://" + httpAddr + "/debug/trustz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	json.NewDecoder(hresp.Body).Decode(&tz)
+	hresp.Body.Close()
+	if len(tz.Anchors) != 1 || tz.Root == trust.Fingerprint(root.Cert.Raw) || tz.Anchors[0] != tz.Root {
+		t.Fatalf("after the rotation the primary serves %+v", tz)
 	}
 
 	if _, stderr, err := run(t, bin, "status", "--primary", freeAddr(t)); err == nil || !strings.Contains(stderr, "is `isthmus primary` running") {

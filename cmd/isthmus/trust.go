@@ -1,9 +1,13 @@
 package main
 
 import (
+	"context"
+	"encoding/json"
 	"fmt"
+	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -19,7 +23,7 @@ func newTrustCommand() *cobra.Command {
 		Use:   "trust",
 		Short: "Manage the mesh's roots of trust and per-cluster intermediate CAs",
 	}
-	cmd.AddCommand(newTrustInitRootCommand(), newTrustIntermediateCommand())
+	cmd.AddCommand(newTrustInitRootCommand(), newTrustIntermediateCommand(), newTrustRotateCommand())
 	return cmd
 }
 
@@ -125,4 +129,101 @@ domain). Writes Istio's plug-in CA layout to --out-dir, or prints the Secret "ca
 	cmd.MarkFlagRequired("root-dir")
 	cmd.MarkFlagRequired("cluster")
 	return cmd
+}
+
+func newTrustRotateCommand() *cobra.Command {
+	var (
+		caDirs, primaries []string
+		stateFile         string
+		cfg               trust.RotationConfig
+	)
+	cmd := &cobra.Command{
+		Use:   "rotate --ca-dir CLUSTER=DIR... --primary CLUSTER=HOST:PORT... --state FILE",
+		Short: "Replace the mesh's root without downtime: publish, reissue, retire",
+		Long: `Replace the root every cluster's intermediate chains to, without a failed handshake:
+
+  publish   the new root joins every CA's root-cert.pem; workloads get both roots at
+            their next renewal. Held for --publish.
+  reissue   every cluster gets a new intermediate from the new root (both roots still
+            trusted); leaves renew under it. Held for --reissue.
+  retire    the old root leaves root-cert.pem.
+
+Each phase is written to every --ca-dir, then confirmed on every primary's /debug/trustz
+(the primaries reload their CA directory by themselves) before its hold starts. Progress
+is kept in --state (which holds the new root's key: keep it private); run the same command
+again to resume an interrupted rotation.`,
+		Example: `  isthmus trust rotate --state rotation.json \
+    --ca-dir cluster-1=/etc/isthmus/ca-1 --primary cluster-1=10.0.0.5:15014 \
+    --ca-dir cluster-2=/etc/isthmus/ca-2 --primary cluster-2=10.0.1.5:15014`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			urls := map[mesh.ClusterID]string{}
+			for _, p := range primaries {
+				id, addr, err := clusterPair("--primary", p)
+				if err != nil {
+					return err
+				}
+				urls[id] = "http://" + addr + "/debug/trustz"
+			}
+			for _, d := range caDirs {
+				id, dir, err := clusterPair("--ca-dir", d)
+				if err != nil {
+					return err
+				}
+				if _, ok := urls[id]; !ok {
+					return fmt.Errorf("--ca-dir %s: no --primary %s=HOST:PORT to confirm each phase on", d, id)
+				}
+				if _, err := trust.LoadDir(dir); err != nil {
+					return fmt.Errorf("--ca-dir %s: %w", d, err)
+				}
+				cfg.Stores = append(cfg.Stores, trust.DirStore{ID: id, Dir: dir})
+			}
+			if len(cfg.Stores) == 0 {
+				return fmt.Errorf("name every cluster's CA with --ca-dir CLUSTER=DIR")
+			}
+			if stateFile == "" {
+				return fmt.Errorf("--state FILE is required (it makes the rotation resumable)")
+			}
+			cfg.StateFile = stateFile
+			client := &http.Client{Timeout: 5 * time.Second}
+			cfg.Status = func(ctx context.Context, id mesh.ClusterID) (trust.TrustStatus, error) {
+				var st trust.TrustStatus
+				req, _ := http.NewRequestWithContext(ctx, http.MethodGet, urls[id], nil)
+				resp, err := client.Do(req)
+				if err != nil {
+					return st, err
+				}
+				defer resp.Body.Close()
+				if resp.StatusCode != http.StatusOK {
+					return st, fmt.Errorf("%s: %s (is the primary running with --ca-dir?)", urls[id], resp.Status)
+				}
+				return st, json.NewDecoder(resp.Body).Decode(&st)
+			}
+			start := time.Now()
+			cfg.Progress = func(s string) { fmt.Fprintf(cmd.OutOrStdout(), "[%s] %s\n", time.Since(start).Round(time.Second), s) }
+			return trust.Rotate(cmd.Context(), cfg)
+		},
+	}
+	f := cmd.Flags()
+	f.StringSliceVar(&caDirs, "ca-dir", nil, "CLUSTER=DIR: a cluster's plug-in CA directory (repeatable)")
+	f.StringSliceVar(&primaries, "primary", nil, "CLUSTER=HOST:PORT: the HTTP address of the primary serving that CA (repeatable)")
+	f.StringVar(&stateFile, "state", "", "file that records progress (resume by running again)")
+	// Leaves live 24 h by default and renew at half-life, so 13 h reaches every workload.
+	f.DurationVar(&cfg.Publish, "publish", 13*time.Hour, "how long the new root is published before intermediates are reissued (at least half the leaf TTL)")
+	f.DurationVar(&cfg.Reissue, "reissue", 13*time.Hour, "how long leaves get to renew under the new root before the old one is retired")
+	f.DurationVar(&cfg.CheckTimeout, "check-timeout", 2*time.Minute, "how long to wait for every primary to serve a phase")
+	return cmd
+}
+
+// clusterPair splits CLUSTER=VALUE.
+func clusterPair(flag, s string) (mesh.ClusterID, string, error) {
+	k, v, ok := strings.Cut(s, "=")
+	if !ok || v == "" {
+		return "", "", fmt.Errorf("%s %q: want CLUSTER=VALUE", flag, s)
+	}
+	id, err := mesh.ParseClusterID(k)
+	if err != nil {
+		return "", "", fmt.Errorf("%s %q: %w", flag, s, err)
+	}
+	return id, v, nil
 }

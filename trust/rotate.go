@@ -12,7 +12,6 @@ import (
 	"slices"
 	"time"
 
-
 	"github.com/isthmus-mesh/isthmus/mesh"
 )
 

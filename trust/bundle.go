@@ -25,11 +25,63 @@ type BundleSet struct {
 	mu sync.RWMutex
 	// bundles is guarded by mu.
 	bundles map[mesh.TrustDomain]*spiffebundle.Bundle
+	// aliases maps a trust domain to the domain whose bundle verifies its identities
+	// (a domain being renamed: the old name stays valid under the new domain's roots);
+	// guarded by mu.
+	aliases map[mesh.TrustDomain]mesh.TrustDomain
 }
 
 // NewBundleSet returns an empty set.
 func NewBundleSet() *BundleSet {
-	return &BundleSet{bundles: map[mesh.TrustDomain]*spiffebundle.Bundle{}}
+	return &BundleSet{bundles: map[mesh.TrustDomain]*spiffebundle.Bundle{}, aliases: map[mesh.TrustDomain]mesh.TrustDomain{}}
+}
+
+// SetAlias makes identities of alias verify against target's bundle. An alias never
+// shadows a domain that has a bundle of its own.
+func (s *BundleSet) SetAlias(alias, target mesh.TrustDomain) error {
+	if alias == target {
+		return fmt.Errorf("trust: alias %s names itself", alias)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.bundles[alias]; ok {
+		return fmt.Errorf("trust: %s has a bundle of its own; remove it before making it an alias", alias)
+	}
+	s.aliases[alias] = target
+	return nil
+}
+
+// RemoveAlias drops an alias.
+func (s *BundleSet) RemoveAlias(alias mesh.TrustDomain) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.aliases, alias)
+}
+
+// Aliases returns a copy of the aliases (alias → target).
+func (s *BundleSet) Aliases() map[mesh.TrustDomain]mesh.TrustDomain {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	out := make(map[mesh.TrustDomain]mesh.TrustDomain, len(s.aliases))
+	for a, t := range s.aliases {
+		out[a] = t
+	}
+	return out
+}
+
+// verifierFor returns the bundle that verifies identities of td: its own, or its alias
+// target's.
+func (s *BundleSet) verifierFor(td mesh.TrustDomain) (*spiffebundle.Bundle, bool) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if b, ok := s.bundles[td]; ok {
+		return b, true
+	}
+	if t, ok := s.aliases[td]; ok {
+		b, ok := s.bundles[t]
+		return b, ok
+	}
+	return nil, false
 }
 
 // LocalBundle returns a's trust domain's bundle: its root, with the given sequence number
@@ -54,6 +106,9 @@ func (s *BundleSet) Set(b *spiffebundle.Bundle) error {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if _, ok := s.aliases[td]; ok {
+		return fmt.Errorf("trust: %s is an alias; remove the alias before adding its own bundle", td)
+	}
 	s.bundles[td] = b
 	return nil
 }
@@ -86,8 +141,9 @@ func (s *BundleSet) Domains() []mesh.TrustDomain {
 }
 
 // GetX509BundleForTrustDomain implements go-spiffe's x509bundle.Source.
+// Aliases are followed: an alias's identities verify against its target's roots.
 func (s *BundleSet) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
-	b, ok := s.Get(mesh.TrustDomain(td.Name()))
+	b, ok := s.verifierFor(mesh.TrustDomain(td.Name()))
 	if !ok {
 		return nil, fmt.Errorf("trust: no bundle for trust domain %q", td.Name())
 	}
@@ -129,7 +185,7 @@ func (s *BundleSet) VerifyPeer(rawCerts [][]byte) (mesh.Identity, error) {
 	if err != nil {
 		return mesh.Identity{}, err
 	}
-	b, ok := s.Get(id.TrustDomain)
+	b, ok := s.verifierFor(id.TrustDomain)
 	if !ok {
 		return mesh.Identity{}, fmt.Errorf("%w %s (peer %s)", ErrNoBundle, id.TrustDomain, id)
 	}

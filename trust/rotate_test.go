@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -72,19 +73,25 @@ func startRotCA(t *testing.T, ctx context.Context, root *trust.Authority, id mes
 type rotWorkload struct {
 	dir  string
 	addr string
+
+	mu sync.Mutex
+	// good is the last certificate and key that matched; guarded by mu.
+	good *tls.Certificate
 }
 
-// keyPair reads the certificate and key; a read that straddles a renewal (old certificate,
-// new key) is read again, as grpc-go's file_watcher does.
+// keyPair reads the certificate and key. Two files cannot change at once, so a read that
+// straddles a renewal (old certificate, new key) falls back to the last pair that matched,
+// as grpc-go's file_watcher keeps its last good certificate.
 func (w *rotWorkload) keyPair() (*tls.Certificate, error) {
-	var err error
-	for range 3 {
-		var c tls.Certificate
-		if c, err = tls.LoadX509KeyPair(filepath.Join(w.dir, trust.AgentCertFile), filepath.Join(w.dir, trust.AgentKeyFile)); err == nil {
-			return &c, nil
-		}
+	c, err := tls.LoadX509KeyPair(filepath.Join(w.dir, trust.AgentCertFile), filepath.Join(w.dir, trust.AgentKeyFile))
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if err == nil {
+		w.good = &c
+	} else if w.good != nil {
+		return w.good, nil
 	}
-	return nil, err
+	return &c, err
 }
 
 func (w *rotWorkload) roots() (*x509.CertPool, error) {
@@ -252,8 +259,17 @@ func TestRootRotationWithoutDowntime(t *testing.T) {
 	if err := trust.Rotate(ctx, cfg); err != nil {
 		t.Fatal(err)
 	}
-	// Leaves issued before retirement still carry both anchors: let them renew once more.
-	time.Sleep(2500 * time.Millisecond)
+	// Leaves issued before retirement still carry both anchors; calls go on until both
+	// workloads have renewed into trusting the new root alone.
+	kubetest.Eventually(t, 10*time.Second, "workloads trusting the new root alone", func() error {
+		for _, w := range []*rotWorkload{a, b} {
+			roots, _ := os.ReadFile(filepath.Join(w.dir, trust.AgentRootFile))
+			if n := bytes.Count(roots, []byte("BEGIN CERTIFICATE")); n != 1 {
+				return fmt.Errorf("a workload trusts %d roots", n)
+			}
+		}
+		return nil
+	})
 	close(stopCalls)
 	<-callsDone
 	t.Logf("%d connections during the rotation, %d failed", calls.Load(), failed.Load())

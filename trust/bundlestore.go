@@ -169,6 +169,9 @@ func (s BundleStore) Update(ctx context.Context, change func(*BundleSet) error) 
 		if apierrors.IsConflict(err) || apierrors.IsAlreadyExists(err) {
 			continue
 		}
+		if apierrors.IsNotFound(err) {
+			return nil, fmt.Errorf("trust: bundle store %s/%s: %w (create the namespace, or name the control-plane namespace)", s.Namespace, BundleConfigMap, err)
+		}
 		if err != nil {
 			return nil, fmt.Errorf("trust: bundle store %s/%s: %w", s.Namespace, BundleConfigMap, err)
 		}

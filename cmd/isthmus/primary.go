@@ -21,8 +21,6 @@ import (
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
-	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/isthmus-mesh/isthmus/mesh"
 	"github.com/isthmus-mesh/isthmus/primary"
@@ -76,14 +74,8 @@ Endpoints:
 				return fmt.Errorf("--log-level: %w", err)
 			}
 			cfg.Log = slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: level}))
-			rules := clientcmd.NewDefaultClientConfigLoadingRules()
-			rules.ExplicitPath = kubeconfig
-			rc, err := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules, &clientcmd.ConfigOverrides{CurrentContext: kubeContext}).ClientConfig()
-			if err != nil {
-				return fmt.Errorf("load the local cluster's kubeconfig: %w", err)
-			}
-			if cfg.LocalClient, err = kubernetes.NewForConfig(rc); err != nil {
-				return err
+			if cfg.LocalClient, err = kubeClient(kubeconfig, kubeContext); err != nil {
+				return fmt.Errorf("the local cluster: %w", err)
 			}
 			reg := prometheus.NewRegistry()
 			reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))

@@ -23,7 +23,7 @@ func newTrustCommand() *cobra.Command {
 		Use:   "trust",
 		Short: "Manage the mesh's roots of trust and per-cluster intermediate CAs",
 	}
-	cmd.AddCommand(newTrustInitRootCommand(), newTrustIntermediateCommand(), newTrustRotateCommand())
+	cmd.AddCommand(newTrustInitRootCommand(), newTrustIntermediateCommand(), newTrustRotateCommand(), newTrustBundleCommand())
 	return cmd
 }
 

@@ -1,0 +1,365 @@
+package main
+
+import (
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"os"
+	"sort"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/isthmus-mesh/isthmus/mesh"
+	"github.com/isthmus-mesh/isthmus/trust"
+)
+
+// bundleFlags are the flags every `trust bundle` command shares: where the store is.
+type bundleFlags struct {
+	kubeconfig, kubeContext, namespace string
+}
+
+func (f *bundleFlags) register(cmd *cobra.Command) {
+	cmd.Flags().StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig of the cluster whose bundles to manage")
+	cmd.Flags().StringVar(&f.kubeContext, "context", "", "context in the kubeconfig")
+	cmd.Flags().StringVar(&f.namespace, "namespace", "istio-system", "control-plane namespace holding the "+trust.BundleConfigMap+" ConfigMap")
+}
+
+func (f *bundleFlags) store() (trust.BundleStore, error) {
+	c, err := kubeClient(f.kubeconfig, f.kubeContext)
+	if err != nil {
+		return trust.BundleStore{}, err
+	}
+	return trust.BundleStore{Client: c, Namespace: f.namespace}, nil
+}
+
+func newTrustBundleCommand() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "bundle",
+		Short: "Show and change the trust bundles (peer trust domains' roots) a cluster's workloads trust",
+		Long: `Manage the trust bundles of a cluster: the roots of other trust domains its workloads
+accept, one SPIFFE bundle per domain (never merged), and trust-domain aliases. They live in
+the ConfigMap ` + trust.BundleConfigMap + ` in the control-plane namespace; workloads' agents
+watch it and hand Envoy one validation context per domain over SDS.`,
+	}
+	cmd.AddCommand(newTrustBundleShowCommand(), newTrustBundleAddCommand(), newTrustBundleRemoveCommand(), newTrustBundleAliasCommand())
+	return cmd
+}
+
+// bundleView is one bundle as `trust bundle show` prints it.
+type bundleView struct {
+	TrustDomain string   `json:"trustDomain"`
+	Roots       []string `json:"roots"` // SHA-256 fingerprints
+	Expires     string   `json:"expires"`
+	Sequence    uint64   `json:"sequence,omitempty"`
+	RefreshHint string   `json:"refreshHint,omitempty"`
+}
+
+type bundlesView struct {
+	Bundles []bundleView      `json:"bundles"`
+	Aliases map[string]string `json:"aliases,omitempty"`
+}
+
+func viewOf(set *trust.BundleSet) bundlesView {
+	v := bundlesView{Bundles: []bundleView{}}
+	for _, td := range set.Domains() {
+		b, _ := set.Get(td)
+		bv := bundleView{TrustDomain: string(td)}
+		var earliest time.Time
+		for _, c := range b.X509Authorities() {
+			bv.Roots = append(bv.Roots, trust.Fingerprint(c.Raw))
+			if earliest.IsZero() || c.NotAfter.Before(earliest) {
+				earliest = c.NotAfter
+			}
+		}
+		bv.Expires = earliest.UTC().Format(time.RFC3339)
+		if seq, ok := b.SequenceNumber(); ok {
+			bv.Sequence = seq
+		}
+		if h, ok := b.RefreshHint(); ok {
+			bv.RefreshHint = h.String()
+		}
+		v.Bundles = append(v.Bundles, bv)
+	}
+	if a := set.Aliases(); len(a) > 0 {
+		v.Aliases = map[string]string{}
+		for k, t := range a {
+			v.Aliases[string(k)] = string(t)
+		}
+	}
+	return v
+}
+
+func printBundles(cmd *cobra.Command, out printer, set *trust.BundleSet) error {
+	v := viewOf(set)
+	return out.print(cmd.OutOrStdout(), v, func(tw *tabwriter.Writer) {
+		fmt.Fprintln(tw, "TRUST DOMAIN\tROOTS\tEXPIRES\tSEQUENCE\tFINGERPRINTS")
+		for _, b := range v.Bundles {
+			fps := ""
+			for i, f := range b.Roots {
+				if i > 0 {
+					fps += ","
+				}
+				fps += f[:16]
+			}
+			fmt.Fprintf(tw, "%s\t%d\t%s\t%d\t%s\n", b.TrustDomain, len(b.Roots), b.Expires, b.Sequence, fps)
+		}
+		aliases := make([]string, 0, len(v.Aliases))
+		for a := range v.Aliases {
+			aliases = append(aliases, a)
+		}
+		sort.Strings(aliases)
+		for _, a := range aliases {
+			fmt.Fprintf(tw, "%s\t→ %s\t(alias)\t\t\n", a, v.Aliases[a])
+		}
+	})
+}
+
+func newTrustBundleShowCommand() *cobra.Command {
+	var (
+		f   bundleFlags
+		out printer
+	)
+	cmd := &cobra.Command{
+		Use:   "show",
+		Short: "List the trust domains, their roots and the aliases",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := out.validate(); err != nil {
+				return err
+			}
+			s, err := f.store()
+			if err != nil {
+				return err
+			}
+			set, err := s.Load(cmd.Context())
+			if err != nil {
+				return err
+			}
+			return printBundles(cmd, out, set)
+		},
+	}
+	f.register(cmd)
+	cmd.Flags().StringVarP(&out.format, "output", "o", "", "output format: json or yaml (default: table)")
+	return cmd
+}
+
+func newTrustBundleAddCommand() *cobra.Command {
+	var (
+		f                        bundleFlags
+		td, file, pemFile, caDir string
+		endpoint, endpointCA     string
+	)
+	cmd := &cobra.Command{
+		Use:   "add --trust-domain TD (--file BUNDLE.json | --pem ROOTS.pem | --ca-dir DIR | --endpoint URL)",
+		Short: "Add or replace a trust domain's bundle",
+		Long: `Add or replace the bundle of one trust domain, from a SPIFFE bundle file (JWKS, as a
+bundle endpoint serves it), a PEM file of root certificates, a plug-in CA directory (its
+root-cert.pem), or a peer's SPIFFE bundle endpoint (https_web; --endpoint-ca names the CA
+that signs the endpoint's certificate when it is not a public one). The bundle is checked
+(X.509 roots present, all CA certificates, not expired) before anything is written.`,
+		Example: "  isthmus trust bundle add --trust-domain west.example --endpoint https://bundle.west.example/ --endpoint-ca west-web-ca.pem",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			domain, err := mesh.ParseTrustDomain(td)
+			if err != nil {
+				return fmt.Errorf("--trust-domain: %w", err)
+			}
+			sources := 0
+			for _, s := range []string{file, pemFile, caDir, endpoint} {
+				if s != "" {
+					sources++
+				}
+			}
+			if sources != 1 {
+				return errors.New("give exactly one of --file, --pem, --ca-dir and --endpoint")
+			}
+			b, err := readBundle(cmd, domain, file, pemFile, caDir, endpoint, endpointCA)
+			if err != nil {
+				return err
+			}
+			for _, c := range b.X509Authorities() {
+				if !c.IsCA {
+					return fmt.Errorf("%s: certificate %q is not a CA", domain, c.Subject)
+				}
+				if time.Now().After(c.NotAfter) {
+					return fmt.Errorf("%s: root %q expired at %s", domain, c.Subject, c.NotAfter.UTC().Format(time.RFC3339))
+				}
+			}
+			s, err := f.store()
+			if err != nil {
+				return err
+			}
+			set, err := s.Update(cmd.Context(), func(set *trust.BundleSet) error { return set.Set(b) })
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "bundle of %s stored (%d root(s))\n", domain, len(b.X509Authorities()))
+			return printBundles(cmd, printer{}, set)
+		},
+	}
+	f.register(cmd)
+	fl := cmd.Flags()
+	fl.StringVar(&td, "trust-domain", "", "the trust domain whose bundle this is (required)")
+	fl.StringVar(&file, "file", "", "SPIFFE bundle (JWKS) file")
+	fl.StringVar(&pemFile, "pem", "", "PEM file of the domain's root certificates")
+	fl.StringVar(&caDir, "ca-dir", "", "plug-in CA directory of the domain (root-cert.pem is read)")
+	fl.StringVar(&endpoint, "endpoint", "", "URL of the domain's SPIFFE bundle endpoint (https_web)")
+	fl.StringVar(&endpointCA, "endpoint-ca", "", "PEM file of the CA that signs the endpoint's TLS certificate (default: the system's roots)")
+	cmd.MarkFlagRequired("trust-domain")
+	return cmd
+}
+
+// readBundle reads a bundle for domain from whichever source was given.
+func readBundle(cmd *cobra.Command, domain mesh.TrustDomain, file, pemFile, caDir, endpoint, endpointCA string) (*spiffebundle.Bundle, error) {
+	sid, err := spiffeid.TrustDomainFromString(string(domain))
+	if err != nil {
+		return nil, err
+	}
+	switch {
+	case file != "":
+		data, err := os.ReadFile(file)
+		if err != nil {
+			return nil, err
+		}
+		b, err := spiffebundle.Parse(sid, data)
+		if err != nil {
+			return nil, fmt.Errorf("--file %s: %w", file, err)
+		}
+		return b, nil
+	case endpoint != "":
+		var o trust.FetchOptions
+		if endpointCA != "" {
+			data, err := os.ReadFile(endpointCA)
+			if err != nil {
+				return nil, err
+			}
+			o.WebRoots = x509.NewCertPool()
+			if !o.WebRoots.AppendCertsFromPEM(data) {
+				return nil, fmt.Errorf("--endpoint-ca %s: no PEM certificate", endpointCA)
+			}
+		}
+		return trust.FetchBundle(cmd.Context(), domain, endpoint, o)
+	}
+	path := pemFile
+	if caDir != "" {
+		path = caDir + "/" + trust.RootCertFile
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	b := spiffebundle.New(sid)
+	for rest := data; ; {
+		c, r, err := nextCert(rest)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", path, err)
+		}
+		if c == nil {
+			break
+		}
+		b.AddX509Authority(c)
+		rest = r
+	}
+	if len(b.X509Authorities()) == 0 {
+		return nil, fmt.Errorf("%s: no PEM certificate", path)
+	}
+	return b, nil
+}
+
+func newTrustBundleRemoveCommand() *cobra.Command {
+	var f bundleFlags
+	cmd := &cobra.Command{
+		Use:   "remove TRUST_DOMAIN",
+		Short: "Stop trusting a trust domain (its bundle, or an alias)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			domain, err := mesh.ParseTrustDomain(args[0])
+			if err != nil {
+				return err
+			}
+			s, err := f.store()
+			if err != nil {
+				return err
+			}
+			set, err := s.Update(cmd.Context(), func(set *trust.BundleSet) error {
+				_, has := set.Get(domain)
+				_, aliased := set.Aliases()[domain]
+				if !has && !aliased {
+					return fmt.Errorf("%s has no bundle and is no alias here (see `isthmus trust bundle show`)", domain)
+				}
+				for a, t := range set.Aliases() {
+					if t == domain {
+						return fmt.Errorf("%s is the target of alias %s; remove the alias first", domain, a)
+					}
+				}
+				set.Remove(domain)
+				set.RemoveAlias(domain)
+				return nil
+			})
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "%s removed\n", domain)
+			return printBundles(cmd, printer{}, set)
+		},
+	}
+	f.register(cmd)
+	return cmd
+}
+
+func newTrustBundleAliasCommand() *cobra.Command {
+	var f bundleFlags
+	cmd := &cobra.Command{
+		Use:   "alias ALIAS TARGET",
+		Short: "Accept identities of trust domain ALIAS under TARGET's roots (a renamed domain)",
+		Args:  cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			alias, err := mesh.ParseTrustDomain(args[0])
+			if err != nil {
+				return err
+			}
+			target, err := mesh.ParseTrustDomain(args[1])
+			if err != nil {
+				return err
+			}
+			s, err := f.store()
+			if err != nil {
+				return err
+			}
+			set, err := s.Update(cmd.Context(), func(set *trust.BundleSet) error {
+				if _, ok := set.Get(target); !ok {
+					return fmt.Errorf("%s has no bundle here; add it first (isthmus trust bundle add)", target)
+				}
+				return set.SetAlias(alias, target)
+			})
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "%s is now an alias of %s\n", alias, target)
+			return printBundles(cmd, printer{}, set)
+		},
+	}
+	f.register(cmd)
+	return cmd
+}
+
+// nextCert decodes the next PEM certificate of data; nil when there is none left.
+func nextCert(data []byte) (*x509.Certificate, []byte, error) {
+	for {
+		block, rest := pem.Decode(data)
+		if block == nil {
+			return nil, nil, nil
+		}
+		if block.Type != "CERTIFICATE" {
+			data = rest
+			continue
+		}
+		c, err := x509.ParseCertificate(block.Bytes)
+		return c, rest, err
+	}
+}

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -43,6 +44,10 @@ type AgentConfig struct {
 	Cluster mesh.ClusterID
 	// Dir receives the files; required.
 	Dir string
+	// Identity, when set, is named in each CSR as its URI SAN, as Istio's agents do; CAs
+	// that sign CSRs as they are (cert-manager) need it. The CA still checks it is the
+	// caller's.
+	Identity mesh.Identity
 	// TTL is the validity to ask for; default 24 h.
 	TTL time.Duration
 	// Log receives renewals and failures; nil discards.
@@ -129,7 +134,15 @@ func (a *Agent) renew(ctx context.Context) (time.Time, error) {
 	if err != nil {
 		return time.Time{}, err
 	}
-	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
+	tmpl := &x509.CertificateRequest{}
+	if !a.cfg.Identity.IsZero() {
+		u, err := url.Parse(a.cfg.Identity.String())
+		if err != nil {
+			return time.Time{}, fmt.Errorf("trust: agent: identity: %w", err)
+		}
+		tmpl.URIs = []*url.URL{u}
+	}
+	der, err := x509.CreateCertificateRequest(rand.Reader, tmpl, key)
 	if err != nil {
 		return time.Time{}, err
 	}

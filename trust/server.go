@@ -63,6 +63,10 @@ type ServerConfig struct {
 	// ReviewCacheTTL bounds how long a successful TokenReview is reused; default 30 s. Never
 	// past the token's own expiry.
 	ReviewCacheTTL time.Duration
+	// Signer, when set, signs instead of Authority (e.g. a CertManagerSigner). Authority
+	// still names the trust domain and the roots client certificates of renewals must
+	// chain to.
+	Signer Signer
 	// Log receives refusals; nil discards.
 	Log *slog.Logger
 	// Metrics registers the CA's metrics; nil uses a private registry.
@@ -157,12 +161,21 @@ func (s *Server) create(ctx context.Context, req *pb.IstioCertificateRequest) (*
 	} else if v > 0 {
 		ttl = min(time.Duration(v)*time.Second, s.cfg.MaxTTL)
 	}
-	chain, err := s.authority().Sign(csr, id, ttl)
+	var chain []string
+	if s.cfg.Signer != nil {
+		chain, err = s.cfg.Signer.Sign(ctx, csr, id, ttl)
+	} else {
+		chain, err = s.authority().Sign(csr, id, ttl)
+	}
 	switch {
 	case errors.Is(err, ErrWrongIdentity):
 		return nil, status.Error(codes.PermissionDenied, err.Error())
 	case errors.Is(err, ErrBadCSR):
 		return nil, status.Error(codes.InvalidArgument, err.Error())
+	case errors.Is(err, ErrSignerRefused):
+		return nil, status.Error(codes.FailedPrecondition, err.Error())
+	case errors.Is(err, context.DeadlineExceeded):
+		return nil, status.Error(codes.DeadlineExceeded, err.Error())
 	case err != nil:
 		return nil, status.Error(codes.Internal, err.Error())
 	}

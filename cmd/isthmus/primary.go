@@ -15,12 +15,16 @@ import (
 	"strings"
 	"time"
 
+	cmmeta "github.com/cert-manager/cert-manager/pkg/apis/meta/v1"
+	cmclient "github.com/cert-manager/cert-manager/pkg/client/clientset/versioned"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/spf13/cobra"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 
 	"github.com/isthmus-mesh/isthmus/mesh"
 	"github.com/isthmus-mesh/isthmus/primary"
@@ -30,7 +34,7 @@ import (
 func newPrimaryCommand() *cobra.Command {
 	var (
 		kubeconfig, kubeContext, clusterID, network, trustDomain, logLevel string
-		xdsAddr, httpAddr, caDir, caAddr                                   string
+		xdsAddr, httpAddr, caDir, caAddr, cmIssuer, cmNamespace            string
 		cidrs, gateways                                                    []string
 		cfg                                                                primary.Config
 	)
@@ -74,8 +78,12 @@ Endpoints:
 				return fmt.Errorf("--log-level: %w", err)
 			}
 			cfg.Log = slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: level}))
-			if cfg.LocalClient, err = kubeClient(kubeconfig, kubeContext); err != nil {
+			rc, err := kubeConfig(kubeconfig, kubeContext)
+			if err != nil {
 				return fmt.Errorf("the local cluster: %w", err)
+			}
+			if cfg.LocalClient, err = kubernetes.NewForConfig(rc); err != nil {
+				return err
 			}
 			reg := prometheus.NewRegistry()
 			reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -86,9 +94,17 @@ Endpoints:
 			}
 			var ca *caServer
 			if caDir != "" {
-				if ca, err = newCAServer(p, cfg, caDir, reg); err != nil {
+				var signer trust.Signer
+				if cmIssuer != "" {
+					if signer, err = certManagerSigner(rc, cmIssuer, cmNamespace, caDir); err != nil {
+						return err
+					}
+				}
+				if ca, err = newCAServer(p, cfg, caDir, reg, signer); err != nil {
 					return err
 				}
+			} else if cmIssuer != "" {
+				return errors.New("--cert-manager-issuer needs --ca-dir (its root-cert.pem names the roots cert-manager's leaves must chain to)")
 			}
 			return runPrimary(cmd.Context(), p, reg, xdsAddr, httpAddr, ca, caAddr, cfg.Log)
 		},
@@ -115,6 +131,8 @@ Endpoints:
 	f.BoolVar(&cfg.KubeconfigPolicy.AllowFiles, "allow-file-kubeconfigs", false, "accept remote kubeconfigs that reference files on this host")
 	f.StringVar(&caDir, "ca-dir", "", "plug-in CA directory (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem); serves Istio's CSR API when set")
 	f.StringVar(&caAddr, "ca-address", ":15012", "address of the CA (CSR API) gRPC server, TLS")
+	f.StringVar(&cmIssuer, "cert-manager-issuer", "", "sign through cert-manager: NAME or KIND/NAME of an Issuer or ClusterIssuer (workload CSRs must name their SPIFFE ID)")
+	f.StringVar(&cmNamespace, "cert-manager-namespace", "istio-system", "namespace of the CertificateRequests (and of an Issuer)")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	cmd.MarkFlagRequired("cluster-id")
 	return cmd
@@ -166,12 +184,12 @@ func parseGateways(in []string) ([]primary.Gateway, error) {
 // certificate it issues for the control plane's names, and TokenReviews through the
 // primary's cluster clients (so callers from linked remote clusters are authenticated in
 // their own cluster).
-func newCAServer(p *primary.Primary, cfg primary.Config, dir string, reg *prometheus.Registry) (*caServer, error) {
+func newCAServer(p *primary.Primary, cfg primary.Config, dir string, reg *prometheus.Registry, signer trust.Signer) (*caServer, error) {
 	auth, err := trust.LoadDir(dir)
 	if err != nil {
 		return nil, fmt.Errorf("--ca-dir: %w", err)
 	}
-	srv, err := trust.NewServer(trust.ServerConfig{Authority: auth, Clusters: p, LocalCluster: cfg.ClusterID, Log: cfg.Log, Metrics: reg})
+	srv, err := trust.NewServer(trust.ServerConfig{Authority: auth, Signer: signer, Clusters: p, LocalCluster: cfg.ClusterID, Log: cfg.Log, Metrics: reg})
 	if err != nil {
 		return nil, err
 	}
@@ -193,6 +211,27 @@ func newCAServer(p *primary.Primary, cfg primary.Config, dir string, reg *promet
 	g := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{tc}, ClientAuth: tls.RequestClientCert, MinVersion: tls.VersionTLS12})))
 	srv.Register(g)
 	return &caServer{grpc: g, ca: srv, dir: dir}, nil
+}
+
+// certManagerSigner signs through cert-manager's issuer ref ("NAME" or "KIND/NAME");
+// leaves must chain to the roots in dir's root-cert.pem.
+func certManagerSigner(rc *rest.Config, ref, namespace, dir string) (*trust.CertManagerSigner, error) {
+	issuer := cmmeta.IssuerReference{Name: ref, Kind: "Issuer", Group: "cert-manager.io"}
+	if kind, name, ok := strings.Cut(ref, "/"); ok {
+		if kind != "Issuer" && kind != "ClusterIssuer" {
+			return nil, fmt.Errorf("--cert-manager-issuer %q: kind must be Issuer or ClusterIssuer", ref)
+		}
+		issuer.Kind, issuer.Name = kind, name
+	}
+	auth, err := trust.LoadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("--ca-dir: %w", err)
+	}
+	client, err := cmclient.NewForConfig(rc)
+	if err != nil {
+		return nil, err
+	}
+	return &trust.CertManagerSigner{Client: client, Namespace: namespace, Issuer: issuer, Anchors: auth.TrustAnchors()}, nil
 }
 
 // caServer is the primary's CA: its gRPC server, the CSR service, and the plug-in CA

@@ -10,8 +10,11 @@ test: check binaries
 	$(GO) test -race -count=1 -timeout 30m $(PKGS)
 	$(MAKE) fuzz
 
-## check: gofmt and go vet must be clean
+## check: gofmt and go vet must be clean, and no tracked file is a build output (a binary
+## built into the tree once made a whole submission too big to land)
 check:
+	@big=$$(git ls-files -z 2>/dev/null | xargs -0 -r stat -c '%s %n' 2>/dev/null | awk '$$1 > 1048576 {print $$2}'); \
+	  if [ -n "$$big" ]; then echo "tracked files over 1 MiB (build outputs? add them to .gitignore):"; echo "$$big"; exit 1; fi
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	  if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 	$(GO) vet $(PKGS)

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"net/url"
 	"slices"
@@ -109,7 +110,7 @@ func (r *Run) expected(expect []Expectation, from, service string) []Hop {
 			if w.Service+"."+w.Namespace != service {
 				continue
 			}
-			for _, c := range sortedKeys(w.Replicas) {
+			for _, c := range slices.Sorted(maps.Keys(w.Replicas)) {
 				spec, _ := r.Topology.Cluster(c)
 				n, _ := r.Topology.Network(spec.Network)
 				if w.Replicas[c] > 0 && (spec.Network == fromSpec.Network || n.Gateway) {
@@ -158,7 +159,7 @@ func (r *Run) checkCell(ctx context.Context, from, service string, expected []Ho
 			callers[a.CallerIdentity] = true
 		}
 		cell.Answered = sortedHops(answered)
-		cell.ServerIdentities, cell.CallerIdentities, cell.Errors = sortedKeys(servers), sortedKeys(callers), sortedKeys(errs)
+		cell.ServerIdentities, cell.CallerIdentities, cell.Errors = slices.Sorted(maps.Keys(servers)), slices.Sorted(maps.Keys(callers)), slices.Sorted(maps.Keys(errs))
 		cell.Reasons = verdict(expected, cell.Answered, cell.ServerIdentities, cell.CallerIdentities, wantServer, wantCaller)
 		// Two rounds at least, so that an endpoint still connecting gets its chance to
 		// show up where it must not.

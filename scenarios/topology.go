@@ -3,6 +3,7 @@ package scenarios
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -247,7 +248,7 @@ func (t *Topology) Validate() error {
 		if len(w.Replicas) == 0 {
 			add("workloads[%d].replicas: name at least one cluster", i)
 		}
-		for _, c := range sortedKeys(w.Replicas) {
+		for _, c := range slices.Sorted(maps.Keys(w.Replicas)) {
 			if _, ok := clusters[c]; !ok {
 				add("workloads[%d].replicas: unknown cluster %q", i, c)
 			}
@@ -327,13 +328,4 @@ func checkName(s string) error {
 		}
 	}
 	return nil
-}
-
-func sortedKeys[V any](m map[string]V) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	slices.Sort(keys)
-	return keys
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"time"
@@ -61,7 +62,7 @@ func (s BundleStore) Load(ctx context.Context) (*BundleSet, error) {
 // malformed with the key it is in.
 func ParseBundleData(data map[string]string) (*BundleSet, error) {
 	set := NewBundleSet()
-	for _, key := range sortedStringKeys(data) {
+	for _, key := range slices.Sorted(maps.Keys(data)) {
 		if key == aliasesKey {
 			continue
 		}
@@ -89,7 +90,7 @@ func ParseBundleData(data map[string]string) (*BundleSet, error) {
 		if err := json.Unmarshal([]byte(raw), &aliases); err != nil {
 			return nil, fmt.Errorf("trust: bundle store: key %q: %w", aliasesKey, err)
 		}
-		for _, a := range sortedStringKeys(aliases) {
+		for _, a := range slices.Sorted(maps.Keys(aliases)) {
 			alias, err := mesh.ParseTrustDomain(a)
 			if err != nil {
 				return nil, fmt.Errorf("trust: bundle store: alias %q: %w", a, err)
@@ -223,13 +224,4 @@ func (s *BundleSet) replace(other *BundleSet) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.bundles, s.aliases = bundles, aliases
-}
-
-func sortedStringKeys[V any](m map[string]V) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	slices.Sort(keys)
-	return keys
 }

@@ -138,7 +138,8 @@ func (r *Run) checkCell(ctx context.Context, from, service string, expected []Ho
 		return nil, fmt.Errorf("scenarios: no probe client in %s", from)
 	}
 	target := fmt.Sprintf("%s:%d", Hostname(service), r.Topology.ServicePort(service))
-	wantServer := r.Identity(strings.SplitN(service, ".", 2)[1], strings.SplitN(service, ".", 2)[0])
+	name, namespace, _ := strings.Cut(service, ".")
+	wantServer := r.Identity(namespace, name) // each workload runs as a service account named after its service
 	wantCaller := r.Identity(ClientNamespace, ClientServiceAccount)
 	cell := &Cell{From: from, Service: service, Expected: expected}
 	answered := map[Hop]bool{}

@@ -215,7 +215,7 @@ func (e *localEnv) StartPrimary(ctx context.Context, s PrimarySpec) (*Component,
 	args := []string{"primary", "--kubeconfig", c.Kubeconfig, "--cluster-id", c.Name, "--ca-dir", s.CADir,
 		"--trust-domain", string(s.TrustDomain), "--xds-address", addr["xds"], "--http-address", addr["http"],
 		"--ca-address", addr["ca"], "--debounce", "20ms", "--probe-interval", "2s"}
-	return e.run(ctx, &Component{Kind: "primary", Name: "primary-" + c.Name, Cluster: c.Name, Network: c.Network, Addresses: addr}, args, nil)
+	return e.run(ctx, &Component{Kind: "primary", Name: "primary-" + c.Name, Cluster: c.Name, Network: c.Network, Addresses: addr}, args)
 }
 
 // StartGateway implements Environment.
@@ -232,7 +232,7 @@ func (e *localEnv) StartGateway(ctx context.Context, s GatewaySpec) (*Component,
 	addr := map[string]string{"listen": public.String(), "http": hostPort(ports[0])}
 	args := []string{"gateway", "--netns", n.gateway.Name, "--listen", public.String(), "--http-address", addr["http"],
 		"--xds-address", s.XDS, "--network", string(s.Network), "--cluster-id", s.Cluster, "--idle-timeout", "5m"}
-	return e.run(ctx, &Component{Kind: "gateway", Name: "gateway-" + string(s.Network), Cluster: s.Cluster, Network: s.Network, Addresses: addr, Public: public}, args, nil)
+	return e.run(ctx, &Component{Kind: "gateway", Name: "gateway-" + string(s.Network), Cluster: s.Cluster, Network: s.Network, Addresses: addr, Public: public}, args)
 }
 
 // StartWorkload implements Environment.
@@ -257,7 +257,7 @@ func (e *localEnv) StartWorkload(ctx context.Context, s PodSpec) (*Component, er
 	if netns != "" {
 		args = append(args, "--netns", netns)
 	}
-	return e.run(ctx, &Component{Kind: "workload", Name: s.Pod, Cluster: c.Name, Network: c.Network, Addresses: addr}, args, nil)
+	return e.run(ctx, &Component{Kind: "workload", Name: s.Pod, Cluster: c.Name, Network: c.Network, Addresses: addr}, args)
 }
 
 // podAddress gives pod index of cluster c its address: in the cluster's pod CIDR on its
@@ -318,7 +318,7 @@ func hostAddress() (netip.Addr, error) {
 
 // run starts the component's process and waits for its /readyz (on the "http" or "admin"
 // address).
-func (e *localEnv) run(ctx context.Context, comp *Component, args []string, env []string) (*Component, error) {
+func (e *localEnv) run(ctx context.Context, comp *Component, args []string) (*Component, error) {
 	e.mu.Lock()
 	if e.closed {
 		e.mu.Unlock()
@@ -330,7 +330,7 @@ func (e *localEnv) run(ctx context.Context, comp *Component, args []string, env 
 		return nil, err
 	}
 	comp.Log = filepath.Join(logs, comp.Name+".log")
-	p, err := proc.Start(comp.Name, e.p.Binary, args, comp.Log, false, env)
+	p, err := proc.Start(comp.Name, e.p.Binary, args, comp.Log, false, nil)
 	if err != nil {
 		return nil, err
 	}

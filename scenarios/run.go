@@ -161,10 +161,6 @@ func (r *Run) up(ctx context.Context, progress func(string)) error {
 		if !n.Gateway {
 			continue
 		}
-		cl := r.gatewayCluster(n.Name)
-		if cl == nil {
-			return fmt.Errorf("scenarios: network %s has a gateway but no cluster with a primary", n.Name)
-		}
 		if err := r.startGateway(ctx, n.Name, progress); err != nil {
 			return err
 		}
@@ -188,6 +184,9 @@ func (r *Run) gatewayCluster(network string) *Cluster {
 // network, which the primaries discover and use for split-horizon endpoints.
 func (r *Run) startGateway(ctx context.Context, network string, progress func(string)) error {
 	cl := r.gatewayCluster(network)
+	if cl == nil {
+		return fmt.Errorf("scenarios: network %s has a gateway but no cluster with a primary", network)
+	}
 	progress(fmt.Sprintf("starting the east-west gateway of %s (in %s)", network, cl.Name))
 	comp, err := r.Env.StartGateway(ctx, GatewaySpec{Network: mesh.NetworkID(network), Cluster: cl.Name, XDS: r.Primaries[cl.Name].Addresses["xds"]})
 	if err != nil {
@@ -224,7 +223,7 @@ func (r *Run) startWorkloads(ctx context.Context, progress func(string)) error {
 	}
 	var jobs []job
 	for _, c := range r.Topology.Clusters {
-		pc := r.primaryFor(c.Name)
+		pc := r.Primaries[c.Name] // every cluster runs its own primary (remote clusters are not supported yet)
 		index := 0
 		base := PodSpec{Cluster: c.Name, XDS: pc.Addresses["xds"], CA: pc.Addresses["ca"], RootCert: r.RootCert}
 		for _, w := range r.Topology.Workloads {
@@ -268,9 +267,6 @@ func (r *Run) startWorkloads(ctx context.Context, progress func(string)) error {
 	wg.Wait()
 	return errors.Join(errs...)
 }
-
-// primaryFor returns the primary serving cluster's workloads: its own.
-func (r *Run) primaryFor(cluster string) *Component { return r.Primaries[cluster] }
 
 // prepareCluster creates the system namespace (labelled with the cluster's network), the
 // workloads' namespaces, service accounts and Services, and the clients' namespace.

@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -207,32 +208,28 @@ func (e *localEnv) StartPrimary(ctx context.Context, s PrimarySpec) (*Component,
 	if err != nil {
 		return nil, err
 	}
-	ports, err := freePorts(3)
-	if err != nil {
-		return nil, err
-	}
-	addr := map[string]string{"xds": hostPort(ports[0]), "http": hostPort(ports[1]), "ca": hostPort(ports[2])}
-	args := []string{"primary", "--kubeconfig", c.Kubeconfig, "--cluster-id", c.Name, "--ca-dir", s.CADir,
-		"--trust-domain", string(s.TrustDomain), "--xds-address", addr["xds"], "--http-address", addr["http"],
-		"--ca-address", addr["ca"], "--debounce", "20ms", "--probe-interval", "2s"}
-	return e.run(ctx, &Component{Kind: "primary", Name: "primary-" + c.Name, Cluster: c.Name, Network: c.Network, Addresses: addr}, args)
+	return e.run(ctx, 3, func(ports []int) (*Component, []string) {
+		addr := map[string]string{"xds": hostPort(ports[0]), "http": hostPort(ports[1]), "ca": hostPort(ports[2])}
+		args := []string{"primary", "--kubeconfig", c.Kubeconfig, "--cluster-id", c.Name, "--ca-dir", s.CADir,
+			"--trust-domain", string(s.TrustDomain), "--xds-address", addr["xds"], "--http-address", addr["http"],
+			"--ca-address", addr["ca"], "--debounce", "20ms", "--probe-interval", "2s"}
+		return &Component{Kind: "primary", Name: "primary-" + c.Name, Cluster: c.Name, Network: c.Network, Addresses: addr}, args
+	})
 }
 
 // StartGateway implements Environment.
 func (e *localEnv) StartGateway(ctx context.Context, s GatewaySpec) (*Component, error) {
-	ports, err := freePorts(1)
-	if err != nil {
-		return nil, err
-	}
 	n, ok := e.nets[string(s.Network)]
 	if !ok || n.gateway == nil {
 		return nil, fmt.Errorf("scenarios: network %s has no gateway namespace", s.Network)
 	}
 	public := netip.AddrPortFrom(n.public, 15443)
-	addr := map[string]string{"listen": public.String(), "http": hostPort(ports[0])}
-	args := []string{"gateway", "--netns", n.gateway.Name, "--listen", public.String(), "--http-address", addr["http"],
-		"--xds-address", s.XDS, "--network", string(s.Network), "--cluster-id", s.Cluster, "--idle-timeout", "5m"}
-	return e.run(ctx, &Component{Kind: "gateway", Name: "gateway-" + string(s.Network), Cluster: s.Cluster, Network: s.Network, Addresses: addr, Public: public}, args)
+	return e.run(ctx, 1, func(ports []int) (*Component, []string) {
+		addr := map[string]string{"listen": public.String(), "http": hostPort(ports[0])}
+		args := []string{"gateway", "--netns", n.gateway.Name, "--listen", public.String(), "--http-address", addr["http"],
+			"--xds-address", s.XDS, "--network", string(s.Network), "--cluster-id", s.Cluster, "--idle-timeout", "5m"}
+		return &Component{Kind: "gateway", Name: "gateway-" + string(s.Network), Cluster: s.Cluster, Network: s.Network, Addresses: addr, Public: public}, args
+	})
 }
 
 // StartWorkload implements Environment.
@@ -245,19 +242,17 @@ func (e *localEnv) StartWorkload(ctx context.Context, s PodSpec) (*Component, er
 	if err != nil {
 		return nil, err
 	}
-	ports, err := freePorts(1)
-	if err != nil {
-		return nil, err
-	}
-	addr := map[string]string{"pod": listen.String(), "admin": hostPort(ports[0])}
-	args := []string{"workload", "--kubeconfig", c.Kubeconfig, "--cluster-id", c.Name, "--network", string(c.Network),
-		"--namespace", s.Namespace, "--pod", s.Pod, "--service-account", s.ServiceAccount, "--app", s.App,
-		"--listen", listen.String(), "--admin-address", addr["admin"], "--xds-address", s.XDS, "--ca-address", s.CA,
-		"--root-cert", s.RootCert, "--dir", filepath.Join(e.dir, "pods", c.Name, s.Pod)}
-	if netns != "" {
-		args = append(args, "--netns", netns)
-	}
-	return e.run(ctx, &Component{Kind: "workload", Name: s.Pod, Cluster: c.Name, Network: c.Network, Addresses: addr}, args)
+	return e.run(ctx, 1, func(ports []int) (*Component, []string) {
+		addr := map[string]string{"pod": listen.String(), "admin": hostPort(ports[0])}
+		args := []string{"workload", "--kubeconfig", c.Kubeconfig, "--cluster-id", c.Name, "--network", string(c.Network),
+			"--namespace", s.Namespace, "--pod", s.Pod, "--service-account", s.ServiceAccount, "--app", s.App,
+			"--listen", listen.String(), "--admin-address", addr["admin"], "--xds-address", s.XDS, "--ca-address", s.CA,
+			"--root-cert", s.RootCert, "--dir", filepath.Join(e.dir, "pods", c.Name, s.Pod)}
+		if netns != "" {
+			args = append(args, "--netns", netns)
+		}
+		return &Component{Kind: "workload", Name: s.Pod, Cluster: c.Name, Network: c.Network, Addresses: addr}, args
+	})
 }
 
 // podAddress gives pod index of cluster c its address: in the cluster's pod CIDR on its
@@ -316,9 +311,29 @@ func hostAddress() (netip.Addr, error) {
 	return netip.Addr{}, errors.New("scenarios: this host has no non-loopback IPv4 address for pods (Kubernetes refuses loopback endpoints); run as root to use network namespaces")
 }
 
-// run starts the component's process and waits for its /readyz (on the "http" or "admin"
-// address).
-func (e *localEnv) run(ctx context.Context, comp *Component, args []string) (*Component, error) {
+// errPortTaken marks a component that could not bind a port picked for it.
+var errPortTaken = errors.New("a port picked for it was taken meanwhile")
+
+// run starts a component with nports free host ports, the process and its arguments built
+// by build. A free port can be taken by another process before the component binds it, so
+// a start that fails that way is tried again with new ports.
+func (e *localEnv) run(ctx context.Context, nports int, build func(ports []int) (*Component, []string)) (*Component, error) {
+	for attempt := 1; ; attempt++ {
+		ports, err := freePorts(nports)
+		if err != nil {
+			return nil, err
+		}
+		comp, args := build(ports)
+		comp, err = e.start(ctx, comp, args)
+		if err == nil || attempt == 3 || !errors.Is(err, errPortTaken) {
+			return comp, err
+		}
+	}
+}
+
+// start starts the component's process and waits for its /readyz (on the "http" or
+// "admin" address).
+func (e *localEnv) start(ctx context.Context, comp *Component, args []string) (*Component, error) {
 	e.mu.Lock()
 	if e.closed {
 		e.mu.Unlock()
@@ -344,6 +359,9 @@ func (e *localEnv) run(ctx context.Context, comp *Component, args []string) (*Co
 		health = comp.Addresses["admin"]
 	}
 	if err := waitReady(ctx, p, "http://"+health+"/readyz", 90*time.Second); err != nil {
+		if p.Exited() && strings.Contains(proc.LogTail(comp.Log, 5), "address already in use") {
+			return nil, fmt.Errorf("scenarios: %s: %w: %v", comp.Name, errPortTaken, err)
+		}
 		return nil, fmt.Errorf("scenarios: %s: %w", comp.Name, err)
 	}
 	return comp, nil
@@ -413,7 +431,7 @@ func (e *localEnv) Close() error {
 }
 
 // freePorts asks the kernel for n unused loopback ports. Another process may take one
-// before the component binds it; the component then fails to start with a clear error.
+// before the component binds it; run then tries again.
 func freePorts(n int) ([]int, error) {
 	var ports []int
 	var ls []net.Listener

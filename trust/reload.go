@@ -48,13 +48,10 @@ func ReloadDir(ctx context.Context, s *Server, dir string, interval time.Duratio
 		if err == nil {
 			err = s.SetAuthority(a)
 		}
-		if err != nil {
-			if onError != nil {
-				onError(fmt.Errorf("trust: reload %s: %w", dir, err))
-			}
-			continue // retried when the files change again
+		last = h // a broken version is reported once, and tried again when the files change
+		if err != nil && onError != nil {
+			onError(fmt.Errorf("trust: reload %s: %w", dir, err))
 		}
-		last = h
 	}
 }
 

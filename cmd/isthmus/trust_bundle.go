@@ -37,6 +37,20 @@ func (f *bundleFlags) store() (trust.BundleStore, error) {
 	return trust.BundleStore{Client: c, Namespace: f.namespace}, nil
 }
 
+// update applies change to the store, then says done and prints the bundles.
+func (f *bundleFlags) update(cmd *cobra.Command, change func(*trust.BundleSet) error, done string) error {
+	s, err := f.store()
+	if err != nil {
+		return err
+	}
+	set, err := s.Update(cmd.Context(), change)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(cmd.OutOrStdout(), done)
+	return printBundles(cmd, printer{}, set)
+}
+
 func newTrustBundleCommand() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "bundle",
@@ -190,16 +204,8 @@ that signs the endpoint's certificate when it is not a public one). The bundle i
 					return fmt.Errorf("%s: root %q expired at %s", domain, c.Subject, c.NotAfter.UTC().Format(time.RFC3339))
 				}
 			}
-			s, err := f.store()
-			if err != nil {
-				return err
-			}
-			set, err := s.Update(cmd.Context(), func(set *trust.BundleSet) error { return set.Set(b) })
-			if err != nil {
-				return err
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "bundle of %s stored (%d root(s))\n", domain, len(b.X509Authorities()))
-			return printBundles(cmd, printer{}, set)
+			return f.update(cmd, func(set *trust.BundleSet) error { return set.Set(b) },
+				fmt.Sprintf("bundle of %s stored (%d root(s))", domain, len(b.X509Authorities())))
 		},
 	}
 	f.register(cmd)
@@ -282,11 +288,7 @@ func newTrustBundleRemoveCommand() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			s, err := f.store()
-			if err != nil {
-				return err
-			}
-			set, err := s.Update(cmd.Context(), func(set *trust.BundleSet) error {
+			return f.update(cmd, func(set *trust.BundleSet) error {
 				_, has := set.Get(domain)
 				_, aliased := set.Aliases()[domain]
 				if !has && !aliased {
@@ -300,12 +302,7 @@ func newTrustBundleRemoveCommand() *cobra.Command {
 				set.Remove(domain)
 				set.RemoveAlias(domain)
 				return nil
-			})
-			if err != nil {
-				return err
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "%s removed\n", domain)
-			return printBundles(cmd, printer{}, set)
+			}, string(domain)+" removed")
 		},
 	}
 	f.register(cmd)
@@ -327,21 +324,12 @@ func newTrustBundleAliasCommand() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			s, err := f.store()
-			if err != nil {
-				return err
-			}
-			set, err := s.Update(cmd.Context(), func(set *trust.BundleSet) error {
+			return f.update(cmd, func(set *trust.BundleSet) error {
 				if _, ok := set.Get(target); !ok {
 					return fmt.Errorf("%s has no bundle here; add it first (isthmus trust bundle add)", target)
 				}
 				return set.SetAlias(alias, target)
-			})
-			if err != nil {
-				return err
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "%s is now an alias of %s\n", alias, target)
-			return printBundles(cmd, printer{}, set)
+			}, fmt.Sprintf("%s is now an alias of %s", alias, target))
 		},
 	}
 	f.register(cmd)

@@ -33,7 +33,9 @@ func (s *Server) SetAuthority(a *Authority) error {
 // reads the files and, when they changed and form a valid CA, swaps them in. A broken or
 // half-written directory is reported through onError and the current CA stays.
 func ReloadDir(ctx context.Context, s *Server, dir string, interval time.Duration, onError func(error)) error {
-	last := dirHash(dir)
+	// Nothing is assumed about what the server was started with: the first tick reads the
+	// directory as it is then (a change made before this goroutine ran still counts).
+	last := ""
 	for {
 		select {
 		case <-ctx.Done():

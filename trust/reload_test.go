@@ -25,6 +25,11 @@ func TestReloadDir(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// A half-written directory (a key that does not match the certificate), already there
+	// when reloading starts: it still counts.
+	other, _ := root.NewIntermediate(IntermediateOptions{Cluster: "a"})
+	files, _ := other.PluggedFiles()
+	os.WriteFile(filepath.Join(dir, CAKeyFile), files[CAKeyFile], 0o600)
 	var errs atomic.Int64
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -40,10 +45,6 @@ func TestReloadDir(t *testing.T) {
 		}
 	}
 
-	// A half-written directory: a key that does not match the certificate.
-	other, _ := root.NewIntermediate(IntermediateOptions{Cluster: "a"})
-	files, _ := other.PluggedFiles()
-	os.WriteFile(filepath.Join(dir, CAKeyFile), files[CAKeyFile], 0o600)
 	waitFor("the broken directory to be reported", func() bool { return errs.Load() > 0 })
 	if srv.authority() != first {
 		t.Fatal("a broken directory replaced the CA")

@@ -162,7 +162,7 @@ func TestCertManagerSigner(t *testing.T) {
 	go playIssuer(ctx, t, cm, ns, env.ca)
 
 	signer := &trust.CertManagerSigner{Client: cm, Namespace: ns, Issuer: cmmeta.IssuerReference{Name: "mesh-ca", Kind: "Issuer", Group: "cert-manager.io"},
-		Anchors: []*x509.Certificate{env.root.Cert}, Timeout: 2 * time.Second}
+		Anchors: []*x509.Certificate{env.root.Cert}, Timeout: 5 * time.Second}
 	srv, err := trust.NewServer(trust.ServerConfig{Authority: env.ca, Signer: signer, Clusters: trust.StaticClients{"ca-1": env.client},
 		LocalCluster: "ca-1", Metrics: prometheus.NewRegistry()})
 	if err != nil {

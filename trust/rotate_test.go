@@ -246,8 +246,8 @@ func TestRootRotationWithoutDowntime(t *testing.T) {
 			}
 			return trust.TrustStatus{}, errors.New("unknown cluster")
 		},
-		// Leaves live 2 s and renew at half-life: 2.5 s covers every workload's renewal.
-		Publish: 2500 * time.Millisecond, Reissue: 2500 * time.Millisecond,
+		// Leaves live 2 s and renew at half-life: 4 s covers every workload's renewal with room for a loaded machine.
+		Publish: 4 * time.Second, Reissue: 4 * time.Second,
 		Progress: func(s string) { t.Log(s) },
 	}
 	// Interrupted during the publish hold, then resumed from the state file.

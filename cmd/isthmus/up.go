@@ -133,32 +133,26 @@ func upDetached(w io.Writer, dir, name string) error {
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- c.Wait() }()
-	var offset int64
-	follow := func() {
-		data, _ := os.ReadFile(logPath)
-		if int64(len(data)) > offset {
-			w.Write(data[offset:])
-			offset = int64(len(data))
-		}
+	// Progress is the child's log, followed from a reader of its own: each tick copies
+	// what was appended since the last.
+	tail, err := os.Open(logPath)
+	if err != nil {
+		return err
 	}
+	defer tail.Close()
 	for {
 		select {
 		case err := <-exited:
-			follow()
+			io.Copy(w, tail)
 			return fmt.Errorf("the background `isthmus up` ended (%v); its log is %s", err, logPath)
 		case <-time.After(200 * time.Millisecond):
 		}
-		s, err := readUpState(dir)
-		if err != nil || s.PID != c.Process.Pid {
-			follow()
-			continue
-		}
-		if s.Ready {
-			follow()
+		io.Copy(w, tail)
+		if s, err := readUpState(dir); err == nil && s.PID == c.Process.Pid && s.Ready {
+			io.Copy(w, tail) // the table, written just before the state said ready
 			fmt.Fprintf(w, "\nscenario %s runs in the background (pid %d, log %s); stop it with `isthmus down %s`\n", name, s.PID, logPath, name)
 			return nil
 		}
-		follow()
 	}
 }
 

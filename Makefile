@@ -3,10 +3,10 @@ GO ?= go
 FUZZTIME ?= 20000x
 PKGS := ./...
 
-.PHONY: test check unit integration fuzz up down binaries bench
+.PHONY: test check unit integration fuzz up down binaries peers bench bench-peers bench-istiod bench-federation bench-scale bench-csr
 
 ## test: formatting, vet, unit and integration tests (with -race) and bounded fuzzing
-test: check binaries
+test: check binaries peers
 	$(GO) test -race -count=1 -timeout 30m $(PKGS)
 	$(MAKE) fuzz
 
@@ -25,7 +25,7 @@ unit:
 	$(GO) test -race -short -count=1 $(PKGS)
 
 ## fuzz: run every fuzz target for FUZZTIME
-FUZZPKGS := ./mesh ./remote ./eastwest ./scenarios
+FUZZPKGS := ./mesh ./remote ./eastwest ./scenarios ./trust ./primary ./federation ./deploy ./proxy
 fuzz:
 	@for pkg in $(FUZZPKGS); do \
 	  for target in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz'); do \
@@ -37,6 +37,12 @@ fuzz:
 ## binaries: build the etcd and Kubernetes binaries into the cache (once per version)
 binaries:
 	$(GO) run ./cmd/isthmus cluster binaries
+
+## peers: build the real peers the interop tests use (spire-server; istiod and istioctl)
+## into the cache, once per version (about 10-15 minutes cold each)
+peers:
+	$(GO) run ./internal/spirebin/ensure
+	$(GO) run ./internal/istiobin/ensure
 
 ## up: the main job, a multi-network mesh on local clusters, checked end to end; keeps
 ## running until Ctrl-C (ARGS="--detach" returns, `make down` stops it)
@@ -53,3 +59,32 @@ down:
 ## bench: the benchmarks recorded in docs/benchmarks.md
 bench:
 	$(GO) test ./internal/kubelocal -run '^$$' -bench . -benchtime 5x
+
+## bench-peers: the east-west gateway beside nginx and HAProxy on loopback, one table of
+## medians and ratios (docs/benchmarks.md); installs the peers from Debian when missing
+## (root). ARGS="-rounds 3 -duration 2s" shortens it.
+bench-peers:
+	$(GO) run ./internal/peerbench/benchpeers $(ARGS)
+
+## bench-istiod: the Isthmus primary against a real istiod, side by side (docs/benchmarks.md)
+bench-istiod: peers
+	$(GO) test ./cmd/isthmus -run '^$$' -bench ControlPlaneVsIstiod -benchtime 1x -timeout 20m -v
+
+## bench-federation: in-process meshes on loopback (real memberlist, mTLS gRPC): export
+## propagation at 10 and 100 meshes, peer failure and gossip bytes with our memberlist
+## timings beside memberlist's LAN and WAN profiles (docs/benchmarks.md, "Federation");
+## TestFederationBenchShort is the CI-sized run. About 15 minutes.
+bench-federation:
+	$(GO) test ./federation -run '^$$' -bench 'ExportPropagation' -benchtime 50x -timeout 30m
+	$(GO) test ./federation -run '^$$' -bench 'PeerFailure' -benchtime 3x -timeout 60m
+
+## bench-scale: the primary with 10, 100 and 1,000 clusters in its registry (in-process
+## sources, the primary in a child process) and delta vs state-of-the-world xDS at 10,000
+## clients (docs/benchmarks.md). ARGS="-clusters 10,100 -delta-clients 1000" shortens it.
+bench-scale:
+	$(GO) run ./internal/scalebench/benchscale $(ARGS)
+
+## bench-csr: CSR signing, raw x509 vs the handler vs the CA's gRPC path vs istiod's CA
+## (docs/benchmarks.md); as root, builds istiod first if missing
+bench-csr: peers
+	$(GO) test ./cmd/isthmus -run '^$$' -bench CSRVsIstiod -benchtime 1x -timeout 30m -v

@@ -6,5 +6,11 @@
 // WatchRoutes fills it from a primary over ADS; Forward passes plain TCP through for the
 // control plane's ports. See docs/eastwest.md.
 //
-// eastwest must never import client-go: it learns its routes over xDS only.
+// Server names are parsed by mesh.ParseSNI into a mesh.OutboundName, whose ClusterName is
+// the key the primary's clusters carry: the format is written once, in mesh.
+//
+// eastwest must never import client-go (it learns its routes over xDS only), nor
+// internal/netlab, internal/proc or internal/kubebin (a data-plane process has no use for
+// test topologies or cluster binaries); internal/imports pins both rules. cmd/isthmus
+// (the gateway subcommand) and scenarios import it.
 package eastwest

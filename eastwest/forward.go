@@ -2,7 +2,6 @@ package eastwest
 
 import (
 	"context"
-	"io"
 	"net"
 	"sync"
 	"time"
@@ -11,6 +10,10 @@ import (
 // Forward passes TCP connections from l to target unchanged until ctx ends, for ports
 // that need no routing: the control plane's xDS/CA (15012) and webhook (15017), reached
 // by remote clusters through the gateway.
+//
+// It closes l when ctx ends and returns only after every connection's goroutine has
+// ended; connections still open then are closed. A dial failure (5 s timeout) closes the
+// client's connection: the client retries, as it would against the target itself.
 func Forward(ctx context.Context, l net.Listener, target string) error {
 	go func() { <-ctx.Done(); l.Close() }()
 	var wg sync.WaitGroup
@@ -31,12 +34,13 @@ func Forward(ctx context.Context, l net.Listener, target string) error {
 				return
 			}
 			defer up.Close()
+			// Each half propagates its end with CloseWrite, so a client that half-closes
+			// still gets the rest of the answer (relay, the gateway's data path); done
+			// has room for both, so neither half blocks when ctx ended first.
 			done := make(chan struct{}, 2)
+			var l link
 			half := func(dst, src net.Conn) {
-				io.Copy(dst, src)
-				if cw, ok := dst.(interface{ CloseWrite() error }); ok {
-					cw.CloseWrite()
-				}
+				relay(dst, src, &l)
 				done <- struct{}{}
 			}
 			go half(up, c)

@@ -64,7 +64,7 @@ func svid(t *testing.T, ca *trust.Authority, id string) (tls.Certificate, []byte
 	der, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
 	csr, _ := x509.ParseCertificateRequest(der)
 	ident, _ := mesh.ParseIdentity(id)
-	chain, err := ca.Sign(csr, ident, time.Hour)
+	chain, err := ca.Sign(context.Background(), csr, ident, time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -261,7 +261,7 @@ func TestMultiNetworkThroughGateway(t *testing.T) {
 		  "node": {"id": "sidecar~10.%d.0.99~client.demo~demo.svc.cluster.local", "metadata": {"GENERATOR": "grpc", "CLUSTER_ID": %q, "NETWORK": "network-%d"}},
 		  "certificate_providers": {%q: {"plugin_name": "file_watcher", "config": {
 		     "certificate_file": %q, "private_key_file": %q, "ca_certificate_file": %q, "refresh_interval": "10s"}}}
-		}`, xdsAddr[i], i+1, clusters[i].Name, i+1, primary.CertProviderInstance,
+		}`, xdsAddr[i], i+1, clusters[i].Name, i+1, mesh.CertProviderInstance,
 			filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem"), filepath.Join(dir, "root.pem"))
 		rb, err := xds.NewXDSResolverWithConfigForTesting([]byte(bootstrap))
 		if err != nil {

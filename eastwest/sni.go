@@ -5,13 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"strconv"
-	"strings"
-
-	"github.com/isthmus-mesh/isthmus/mesh"
 )
 
-// Errors of ClientHello parsing; each is counted under its own reason.
+// Errors of ClientHello parsing; each is counted under its own reason. The route the
+// server name designates is parsed afterwards, by mesh.ParseSNI.
 var (
 	ErrNotTLS     = errors.New("eastwest: not a TLS handshake")
 	ErrMalformed  = errors.New("eastwest: malformed ClientHello")
@@ -20,10 +17,13 @@ var (
 	ErrIncomplete = errors.New("eastwest: ClientHello incomplete")
 )
 
+// Wire constants of TLS (RFC 8446 §5.1, §4) and of the server_name extension (RFC 6066
+// §3). Record versions are checked for major version 3 only: every TLS version, 1.0 to
+// 1.3, sends a ClientHello in a record that says 3.x.
 const (
-	recordHeaderLen    = 5
+	recordHeaderLen    = 5            // type, legacy version (2), length (2)
 	maxRecordLen       = 16384 + 2048 // TLSCiphertext limit
-	handshakeHeaderLen = 4
+	handshakeHeaderLen = 4            // type, length (3)
 	typeHandshake      = 22
 	typeClientHello    = 1
 	extServerName      = 0
@@ -31,7 +31,10 @@ const (
 
 // readClientHello reads TLS records from r until it holds one whole ClientHello handshake
 // message (which may span records), without consuming anything past it. It returns the raw
-// bytes read (to be replayed to the backend) and the server name.
+// bytes read (to be replayed to the backend) and the server name. It never reads more
+// than limit bytes plus one record header: the length fields are checked before each
+// body is read, so a client cannot make the gateway buffer what it announces. On error,
+// raw is what was read so far and the error wraps one of the Err* values above.
 func readClientHello(r io.Reader, limit int) (raw []byte, sni string, err error) {
 	var msg []byte // the handshake message, reassembled from record fragments
 	for {
@@ -78,11 +81,14 @@ func readClientHello(r io.Reader, limit int) (raw []byte, sni string, err error)
 }
 
 // cursor reads length-prefixed fields from a byte slice; every read is bounds-checked.
+// The first out-of-bounds read sets bad and every later read is a no-op returning zero,
+// so a parser reads a whole structure and checks bad once, instead of after every field.
 type cursor struct {
 	b   []byte
 	bad bool
 }
 
+// skip drops n bytes.
 func (c *cursor) skip(n int) {
 	if c.bad || n < 0 || n > len(c.b) {
 		c.bad = true
@@ -91,6 +97,7 @@ func (c *cursor) skip(n int) {
 	c.b = c.b[n:]
 }
 
+// u8 reads a one-byte length or value.
 func (c *cursor) u8() int {
 	if c.bad || len(c.b) < 1 {
 		c.bad = true
@@ -101,6 +108,7 @@ func (c *cursor) u8() int {
 	return v
 }
 
+// u16 reads a big-endian two-byte length or value.
 func (c *cursor) u16() int {
 	if c.bad || len(c.b) < 2 {
 		c.bad = true
@@ -111,6 +119,7 @@ func (c *cursor) u16() int {
 	return v
 }
 
+// bytes returns the next n bytes, aliasing the input (no copy).
 func (c *cursor) bytes(n int) []byte {
 	if c.bad || n < 0 || n > len(c.b) {
 		c.bad = true
@@ -122,7 +131,9 @@ func (c *cursor) bytes(n int) []byte {
 }
 
 // parseClientHello returns the host_name of the server_name extension of a ClientHello
-// body (after the handshake header).
+// body (after the handshake header). The first host_name entry wins (RFC 6066 allows one
+// per name type); a server_name extension without one, or an empty one, is malformed.
+// The name is returned as sent: mesh.ParseSNI decides whether it is a route.
 func parseClientHello(body []byte) (string, error) {
 	c := &cursor{b: body}
 	c.skip(2)       // legacy_version
@@ -167,51 +178,4 @@ func parseClientHello(body []byte) (string, error) {
 		return "", fmt.Errorf("%w: server_name extension", ErrMalformed)
 	}
 	return "", ErrNoSNI
-}
-
-// Route is what a cross-network SNI names: a service port (and subset) by hostname.
-type Route struct {
-	Port   uint16
-	Subset string
-	Host   mesh.Hostname
-}
-
-// ClusterName returns the Istio cluster name of the route, outbound|<port>|<subset>|<host>.
-func (r Route) ClusterName() string {
-	return "outbound|" + strconv.Itoa(int(r.Port)) + "|" + r.Subset + "|" + string(r.Host)
-}
-
-// ErrBadSNI is wrapped when a server name is not of the cross-network form.
-var ErrBadSNI = errors.New("eastwest: server name is not outbound_.<port>_.<subset>_.<hostname>")
-
-// ParseSNI parses Istio's cross-network server name,
-// outbound_.<port>_.<subset>_.<hostname>, e.g. outbound_.8080_._.echo.demo.svc.cluster.local
-// (the subset is empty there: "_." follows "8080_." directly).
-func ParseSNI(sni string) (Route, error) {
-	rest, ok := strings.CutPrefix(sni, "outbound_.")
-	if !ok {
-		return Route{}, fmt.Errorf("%w: %q", ErrBadSNI, sni)
-	}
-	portStr, rest, ok := strings.Cut(rest, "_.")
-	if !ok {
-		return Route{}, fmt.Errorf("%w: %q", ErrBadSNI, sni)
-	}
-	port, err := strconv.ParseUint(portStr, 10, 16)
-	if err != nil || port == 0 {
-		return Route{}, fmt.Errorf("%w: port %q", ErrBadSNI, portStr)
-	}
-	subset, host, ok := strings.Cut(rest, "_.")
-	if !ok {
-		return Route{}, fmt.Errorf("%w: %q", ErrBadSNI, sni)
-	}
-	h, err := mesh.ParseHostname(host)
-	if err != nil {
-		return Route{}, fmt.Errorf("%w: %v", ErrBadSNI, err)
-	}
-	return Route{Port: uint16(port), Subset: subset, Host: h}, nil
-}
-
-// SNI returns the server name of the route, the inverse of ParseSNI.
-func (r Route) SNI() string {
-	return "outbound_." + strconv.Itoa(int(r.Port)) + "_." + r.Subset + "_." + string(r.Host)
 }

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/isthmus-mesh/isthmus/mesh"
 )
 
 // clientHello captures the ClientHello crypto/tls sends for serverName.
@@ -76,24 +78,6 @@ func TestReadClientHello(t *testing.T) {
 	}
 }
 
-func TestParseSNI(t *testing.T) {
-	r, err := ParseSNI("outbound_.8080_._.echo.demo.svc.cluster.local")
-	if err != nil || r.Port != 8080 || r.Subset != "" || r.Host != "echo.demo.svc.cluster.local" {
-		t.Fatalf("%+v %v", r, err)
-	}
-	if r.ClusterName() != "outbound|8080||echo.demo.svc.cluster.local" || r.SNI() != "outbound_.8080_._.echo.demo.svc.cluster.local" {
-		t.Fatalf("%s %s", r.ClusterName(), r.SNI())
-	}
-	if r, err := ParseSNI("outbound_.9090_.v2_.api.x.svc.cluster.local"); err != nil || r.Subset != "v2" {
-		t.Fatalf("%+v %v", r, err)
-	}
-	for _, bad := range []string{"", "echo.demo.svc", "outbound_.0_._.a.b", "outbound_.70000_._.a.b", "outbound_.80_._.", "outbound_.x_._.a", "outbound_.80"} {
-		if _, err := ParseSNI(bad); !errors.Is(err, ErrBadSNI) {
-			t.Errorf("ParseSNI(%q) = %v", bad, err)
-		}
-	}
-}
-
 // FuzzReadClientHello: arbitrary bytes never panic the parser, never make it read past
 // the limit, and a successful parse returns exactly the bytes it consumed.
 func FuzzReadClientHello(f *testing.F) {
@@ -110,7 +94,7 @@ func FuzzReadClientHello(f *testing.F) {
 			if !bytes.HasPrefix(data, raw) || sni == "" {
 				t.Fatalf("raw is not a prefix of the input, or empty SNI %q", sni)
 			}
-			if _, err := ParseSNI(sni); err == nil && !strings.HasPrefix(sni, "outbound_.") {
+			if _, err := mesh.ParseSNI(sni); err == nil && !strings.HasPrefix(sni, "outbound_.") {
 				t.Fatalf("ParseSNI accepted %q", sni)
 			}
 		}

@@ -10,10 +10,14 @@ import (
 	"sort"
 	"time"
 
+	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	endpoint "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/isthmus-mesh/isthmus/mesh"
@@ -46,6 +50,10 @@ type XDSConfig struct {
 // (wildcard) and then their endpoints. When the stream breaks it reconnects with backoff
 // and the table keeps its last routes meanwhile: the data plane keeps working through a
 // control-plane outage.
+//
+// Backoff starts at 500 ms and doubles up to 30 s; a stream that lasted over a minute
+// resets it, so one break after a long healthy stream reconnects quickly. It returns nil
+// when ctx ends and an error only for a missing Conn or table.
 func WatchRoutes(ctx context.Context, cfg XDSConfig, table *Table) error {
 	if cfg.Conn == nil || table == nil {
 		return errors.New("eastwest: WatchRoutes needs a connection and a table")
@@ -76,6 +84,11 @@ func WatchRoutes(ctx context.Context, cfg XDSConfig, table *Table) error {
 	}
 }
 
+// watchOnce runs one ADS stream: it subscribes to every cluster (wildcard CDS), then to
+// the endpoints of exactly the clusters CDS named, ACKing each response. A cluster that
+// leaves CDS leaves the table at once; endpoints are applied per response, so the table
+// is never a mix of a half-decoded response. It returns when the stream breaks, or NACKs
+// and returns on a response it cannot decode.
 func watchOnce(ctx context.Context, cfg XDSConfig, table *Table) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -91,9 +104,11 @@ func watchOnce(ctx context.Context, cfg XDSConfig, table *Table) error {
 	if err := stream.Send(&discovery.DiscoveryRequest{Node: node, TypeUrl: typeCluster}); err != nil {
 		return err
 	}
-	var names []string // clusters subscribed for endpoints
+	var names []string // clusters subscribed for endpoints, sorted
+	// The EDS version and nonce are kept so that a changed cluster list re-subscribes
+	// with the last ACK, not as a fresh request the primary would answer in full.
 	edsVersion, edsNonce := "", ""
-	routes := map[string][]netip.AddrPort{}
+	routes := map[string][]netip.AddrPort{} // this stream's routes; Table.Update copies them
 	for {
 		resp, err := stream.Recv()
 		if err != nil {
@@ -146,6 +161,10 @@ func watchOnce(ctx context.Context, cfg XDSConfig, table *Table) error {
 }
 
 // usableEndpoints returns the socket addresses of healthy (or unknown-health) endpoints.
+// Unknown counts as usable, as Envoy treats it: the primary sends UNKNOWN for endpoints
+// whose source reports no health, and refusing them would black-hole those services.
+// Addresses that do not parse are skipped, not fatal: one bad endpoint must not take the
+// service's other endpoints down with it.
 func usableEndpoints(cla *endpoint.ClusterLoadAssignment) []netip.AddrPort {
 	var out []netip.AddrPort
 	for _, loc := range cla.GetEndpoints() {
@@ -165,11 +184,25 @@ func usableEndpoints(cla *endpoint.ClusterLoadAssignment) []netip.AddrPort {
 	return out
 }
 
+// clusterName decodes a Cluster resource and returns its name: the gateway needs nothing
+// else from CDS, it only learns which clusters to ask endpoints for.
+func clusterName(b []byte) (string, error) {
+	var c cluster.Cluster
+	if err := proto.Unmarshal(b, &c); err != nil {
+		return "", err
+	}
+	return c.GetName(), nil
+}
+
+// nackAndFail rejects resp (a NACK carrying err) and returns the error that ends the
+// stream: a response the gateway cannot decode is not applied in part, and the reconnect
+// asks again from scratch. The NACK is best effort; the stream is going away anyway.
 func nackAndFail(stream discovery.AggregatedDiscoveryService_StreamAggregatedResourcesClient, resp *discovery.DiscoveryResponse, err error) error {
-	stream.Send(&discovery.DiscoveryRequest{TypeUrl: resp.GetTypeUrl(), ResponseNonce: resp.GetNonce(), ErrorDetail: statusProto(err)})
+	stream.Send(&discovery.DiscoveryRequest{TypeUrl: resp.GetTypeUrl(), ResponseNonce: resp.GetNonce(), ErrorDetail: &status.Status{Code: int32(codes.InvalidArgument), Message: err.Error()}})
 	return fmt.Errorf("eastwest: rejected %s: %w", resp.GetTypeUrl(), err)
 }
 
+// equalStrings reports whether two sorted name lists are the same.
 func equalStrings(a, b []string) bool {
 	if len(a) != len(b) {
 		return false

@@ -19,6 +19,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/eastwest"
 	"github.com/isthmus-mesh/isthmus/internal/kubelocal"
 	"github.com/isthmus-mesh/isthmus/internal/kubelocal/kubetest"
+	"github.com/isthmus-mesh/isthmus/mesh"
 	"github.com/isthmus-mesh/isthmus/primary"
 )
 
@@ -73,11 +74,11 @@ func TestRoutesFromPrimary(t *testing.T) {
 	defer conn.Close()
 	table := &eastwest.Table{}
 	go eastwest.WatchRoutes(ctx, eastwest.XDSConfig{Conn: conn, Network: "net-2", Cluster: "c1"}, table)
-	const name = "outbound|8080||echo.demo.svc.cluster.local"
+	name := mesh.OutboundName{Port: 8080, Host: "echo.demo.svc.cluster.local"}
 	want := []netip.AddrPort{netip.MustParseAddrPort("10.2.0.5:8080")}
 	kubetest.Eventually(t, 20*time.Second, "net-2's routes only", func() error {
 		if got := table.Endpoints(name); !slices.Equal(got, want) {
-			return fmt.Errorf("gateway routes for %s: %v; want %v", name, got, want)
+			return fmt.Errorf("gateway routes for %s: %v; want %v", name.ClusterName(), got, want)
 		}
 		return nil
 	})

@@ -67,6 +67,9 @@ type Endpoint struct {
 	// MTLSReady says the endpoint can terminate Isthmus mTLS. Endpoints on other networks
 	// that cannot are unreachable through a passthrough gateway and are dropped.
 	MTLSReady bool
+	// Labels are the workload's (pod's) labels, which DestinationRule subsets select on;
+	// nil when unknown. The map is shared and must not be modified.
+	Labels map[string]string
 }
 
 // Validate reports the first problem that makes e unusable.

@@ -92,3 +92,34 @@ func FuzzParseLocality(f *testing.F) {
 		}
 	})
 }
+
+// FuzzOutboundName: whatever ParseSNI or ParseClusterName accepts prints back, in both
+// spellings, to strings that parse to the same name; so a gateway that routes on the SNI
+// finds the cluster the primary named.
+func FuzzOutboundName(f *testing.F) {
+	for _, s := range []string{
+		"outbound_.8080_._.echo.demo.svc.cluster.local", "outbound_.9090_.v2_.a.b", "outbound_.80", "outbound_.0_._.a",
+		"outbound|8080||echo.demo.svc.cluster.local", "outbound|80|v1|a.b.", "inbound|80||a", "outbound|||", "",
+	} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		check := func(from string, n OutboundName) {
+			if n.Port == 0 || n.Host == "" {
+				t.Fatalf("%s accepted %q as %+v, which has no port or host", from, s, n)
+			}
+			if n2, err := ParseSNI(n.SNI()); err != nil || n2 != n {
+				t.Fatalf("%s(%q) = %+v; its SNI %q parses to %+v, %v", from, s, n, n.SNI(), n2, err)
+			}
+			if n2, err := ParseClusterName(n.ClusterName()); err != nil || n2 != n {
+				t.Fatalf("%s(%q) = %+v; its cluster name %q parses to %+v, %v", from, s, n, n.ClusterName(), n2, err)
+			}
+		}
+		if n, err := ParseSNI(s); err == nil {
+			check("ParseSNI", n)
+		}
+		if n, err := ParseClusterName(s); err == nil {
+			check("ParseClusterName", n)
+		}
+	})
+}

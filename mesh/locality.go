@@ -28,7 +28,7 @@ func ParseLocality(s string) (Locality, error) {
 			return Locality{}, parseErr(kind, s, "part %d is empty", i+1)
 		}
 		if err := checkLabelValue(kind, p); err != nil {
-			return Locality{}, parseErr(kind, s, "part %q: %v", p, err.(*ParseError).Err)
+			return Locality{}, parseErr(kind, s, "part %q: %v", p, reason(err))
 		}
 	}
 	var l Locality

@@ -59,6 +59,18 @@ func NewServiceKey(namespace, name string) (ServiceKey, error) {
 // String returns "namespace/name".
 func (k ServiceKey) String() string { return k.Namespace + "/" + k.Name }
 
+// FederationDomainSuffix ends the cluster domain of the names peered meshes give each
+// other's services (FederatedHostname): the importing mesh's registry, the exporting
+// primary's gateway view and the gateway's peer listener all use this one spelling.
+const FederationDomainSuffix = ".isthmus"
+
+// FederatedHostname is the name every mesh peered with mesh m gives m's service k:
+// <name>.<namespace>.svc.<m>.isthmus, which cannot collide with a local service
+// (cluster.local) or with another peer's.
+func (k ServiceKey) FederatedHostname(m MeshID) Hostname {
+	return k.Hostname(string(m) + FederationDomainSuffix)
+}
+
 // Hostname returns the service's name under the given cluster domain, e.g.
 // "echo.demo.svc.cluster.local". An empty domain means DefaultDomain.
 func (k ServiceKey) Hostname(domain string) Hostname {

@@ -26,7 +26,7 @@ func ep(addr string, cluster mesh.ClusterID, network mesh.NetworkID, mtls bool, 
 }
 
 func gw(network mesh.NetworkID, addr string) Gateway {
-	return Gateway{Network: network, Address: netip.MustParseAddr(addr), Port: GatewayTLSPort}
+	return Gateway{Network: network, Address: netip.MustParseAddr(addr), Port: GatewayPort}
 }
 
 func TestSplitHorizon(t *testing.T) {
@@ -136,7 +136,7 @@ func TestRegistryMergesByHostname(t *testing.T) {
 
 func TestBuildResourcesValidateForEveryProxyKind(t *testing.T) {
 	v := testView()
-	for _, key := range []ViewKey{{ProxyGRPC, "n1"}, {ProxySidecar, "n1"}, {ProxyGateway, "n2"}, {ProxyGRPC, ""}} {
+	for _, key := range []ViewKey{{Kind: ProxyGRPC, Network: "n1"}, {Kind: ProxySidecar, Network: "n1"}, {Kind: ProxyGateway, Network: "n2"}, {Kind: ProxyGRPC, Network: ""}} {
 		t.Run(key.String(), func(t *testing.T) {
 			res, err := BuildResources(v, key)
 			if err != nil {
@@ -191,8 +191,8 @@ func TestBuildResourcesValidateForEveryProxyKind(t *testing.T) {
 				if err := l.ApiListener.ApiListener.UnmarshalTo(&m); err != nil {
 					t.Fatal(err)
 				}
-				if len(m.HttpFilters) != 1 || m.HttpFilters[0].Name != "envoy.filters.http.router" {
-					t.Fatalf("gRPC listener needs the router filter: %v", m.HttpFilters)
+				if n := len(m.HttpFilters); n == 0 || m.HttpFilters[n-1].Name != "envoy.filters.http.router" {
+					t.Fatalf("gRPC listener needs the router filter last: %v", m.HttpFilters)
 				}
 				if key.Network == "n1" && len(cla.Endpoints) != 2 {
 					t.Fatalf("n1 should see its endpoint and n2's gateway in two localities: %v", cla.Endpoints)
@@ -252,5 +252,51 @@ func TestValidateOpensTypedConfigs(t *testing.T) {
 	}
 	if err := (Resources{resource.ListenerType: {l}}).Validate(); err == nil {
 		t.Fatal("an invalid TcpProxy inside a filter chain passed Validate")
+	}
+}
+
+// TestRegistryMergeOrder: merged endpoints are sorted by cluster then address whether the
+// shards hand them over in order (the usual case, where the merge skips the sort) or not
+// (a shard holding another cluster's endpoints, or unsorted ones), with every endpoint
+// kept.
+func TestRegistryMergeOrder(t *testing.T) {
+	const h = mesh.Hostname("echo.demo.svc.cluster.local")
+	svc := &Service{Hostname: h, Key: mesh.ServiceKey{Namespace: "demo", Name: "echo"},
+		Ports: []ServicePort{{Name: "grpc", Port: 8080, Protocol: mesh.ProtocolGRPC}}}
+	for _, tc := range []struct {
+		name   string
+		shards map[mesh.ClusterID][]mesh.Endpoint
+	}{
+		{"in order", map[mesh.ClusterID][]mesh.Endpoint{
+			"c1": {ep("10.1.0.1", "c1", "", true, "a"), ep("10.1.0.2", "c1", "", true, "a")},
+			"c2": {ep("10.2.0.1", "c2", "", true, "a"), ep("10.2.0.9", "c2", "", true, "a")},
+		}},
+		{"unsorted within a shard", map[mesh.ClusterID][]mesh.Endpoint{
+			"c1": {ep("10.1.0.9", "c1", "", true, "a"), ep("10.1.0.2", "c1", "", true, "a")},
+			"c2": {ep("10.2.0.1", "c2", "", true, "a")},
+		}},
+		{"another cluster's endpoints in a shard", map[mesh.ClusterID][]mesh.Endpoint{
+			"c1": {ep("10.3.0.1", "c3", "", true, "a")},
+			"c2": {ep("10.2.0.1", "c2", "", true, "a")},
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := NewRegistry()
+			want := 0
+			for c, eps := range tc.shards {
+				r.UpdateService(ShardKey{SourceKubernetes, c}, h, svc, eps)
+				want += len(eps)
+			}
+			got := r.View().Service(h).Endpoints
+			if len(got) != want {
+				t.Fatalf("%d endpoints merged, want %d", len(got), want)
+			}
+			for i := 1; i < len(got); i++ {
+				a, b := got[i-1], got[i]
+				if a.Cluster > b.Cluster || (a.Cluster == b.Cluster && a.Address.Compare(b.Address) > 0) {
+					t.Fatalf("not sorted at %d: %v %v then %v %v", i, a.Cluster, a.Address, b.Cluster, b.Address)
+				}
+			}
+		})
 	}
 }

@@ -23,6 +23,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/xds"
+	istioclient "istio.io/client-go/pkg/clientset/versioned"
 	authnv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -45,6 +46,7 @@ import (
 var env struct {
 	clusters []*kubelocal.Cluster
 	clients  []kubernetes.Interface
+	istio    istioclient.Interface // cluster 1's, the primary's config cluster
 	primary  *primary.Primary
 	xdsAddr  string
 	debug    *httptest.Server
@@ -53,12 +55,15 @@ var env struct {
 	// endpoint addresses, so pod IPs live in a network namespace of their own.
 	pods    *netlab.Namespace
 	skipWhy string
+	// dns answers the primary's lookups of resolution-DNS ServiceEntries, on loopback.
+	dns *testDNS
 }
 
 const (
 	echoHost    = "echo.demo.svc.cluster.local"
 	echoPort    = 8080
 	staleWindow = 3 * time.Second
+	dnsRefresh  = 300 * time.Millisecond
 )
 
 func TestMain(m *testing.M) { os.Exit(kubetest.Main(m, 3, "pr", setup)) }
@@ -88,9 +93,22 @@ func setup(clusters []*kubelocal.Cluster) (func(), error) {
 	}
 	reg := prometheus.NewRegistry()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	istio, err := istioclient.NewForConfig(clusters[0].RESTConfig())
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	env.istio = istio
+	if env.dns, err = startTestDNS(); err != nil {
+		cancel()
+		return nil, err
+	}
 	p, err := primary.New(primary.Config{
+		Resolver:      env.dns.Resolver(),
+		DNSRefresh:    dnsRefresh,
 		ClusterID:     mesh.ClusterID(clusters[0].Name),
 		LocalClient:   env.clients[0],
+		IstioClient:   istio,
 		SyncTimeout:   5 * time.Second,
 		StaleWindow:   staleWindow,
 		ProbeInterval: 300 * time.Millisecond,
@@ -121,6 +139,7 @@ func setup(clusters []*kubelocal.Cluster) (func(), error) {
 		env.debug.Close()
 		<-done
 		env.servers.Range(func(_, v any) bool { v.(*grpc.Server).Stop(); return true })
+		env.dns.Close()
 		pods.Close()
 	}, nil
 }

@@ -7,9 +7,11 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
-// metrics are the primary's Prometheus metrics, named isthmus_primary_<what>_<unit>.
+// metrics are the primary's Prometheus metrics, named isthmus_primary_<what>_<unit>. The
+// counters are updated where things happen; the per-cluster gauges are refreshed by loop
+// from statuses, so that metrics reads cluster state without knowing who holds it.
 type metrics struct {
-	p           *Primary
+	statuses    func() []ClusterStatus
 	pushes      prometheus.Counter
 	pushErrors  prometheus.Counter
 	pushSeconds prometheus.Histogram
@@ -20,9 +22,11 @@ type metrics struct {
 	endpoints   *prometheus.GaugeVec
 }
 
-func newMetrics(reg prometheus.Registerer, p *Primary) (*metrics, error) {
+// newMetrics registers the metrics with reg; statuses is called once a second by loop.
+// It fails when a name is already registered (two primaries on one registry).
+func newMetrics(reg prometheus.Registerer, statuses func() []ClusterStatus) (*metrics, error) {
 	m := &metrics{
-		p:           p,
+		statuses:    statuses,
 		pushes:      prometheus.NewCounter(prometheus.CounterOpts{Name: "isthmus_primary_pushes_total", Help: "xDS pushes (every view rebuilt once)."}),
 		pushErrors:  prometheus.NewCounter(prometheus.CounterOpts{Name: "isthmus_primary_push_errors_total", Help: "Views that failed to build or publish."}),
 		pushSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "isthmus_primary_push_duration_seconds", Help: "Time to rebuild and publish every view.", Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14)}),
@@ -40,14 +44,15 @@ func newMetrics(reg prometheus.Registerer, p *Primary) (*metrics, error) {
 	return m, nil
 }
 
-// loop refreshes the per-cluster gauges once a second.
+// loop refreshes the per-cluster gauges once a second until ctx ends. The gauges are
+// reset first, so that a removed cluster's series disappear instead of freezing.
 func (m *metrics) loop(ctx context.Context) {
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
 	for {
 		m.state.Reset()
 		m.endpoints.Reset()
-		for _, s := range m.p.clusters.Statuses() {
+		for _, s := range m.statuses() {
 			m.state.WithLabelValues(string(s.ID), string(s.State)).Set(1)
 			m.endpoints.WithLabelValues(string(s.ID)).Set(float64(s.Endpoints))
 		}

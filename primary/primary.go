@@ -1,19 +1,24 @@
 package primary
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
+	"slices"
 	"sync"
 	"time"
 
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/server/v3"
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
+	istioclient "istio.io/client-go/pkg/clientset/versioned"
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/isthmus-mesh/isthmus/mesh"
@@ -26,6 +31,9 @@ type Config struct {
 	ClusterID mesh.ClusterID
 	// LocalClient talks to that cluster; required.
 	LocalClient kubernetes.Interface
+	// IstioClient, when set, reads VirtualServices and DestinationRules from that cluster
+	// (once their CRDs exist) and routes by them; nil keeps the default routes.
+	IstioClient istioclient.Interface
 	// Namespace holds the remote secrets; default istio-system. It is also the system
 	// namespace whose topology.istio.io/network label names each cluster's network.
 	Namespace string
@@ -43,7 +51,9 @@ type Config struct {
 	StaleWindow time.Duration
 	// ProbeInterval is how often each cluster's API server is probed; default 5 s.
 	ProbeInterval time.Duration
-	// Debounce coalesces registry changes for this long before a push; default 100 ms.
+	// Debounce is the window that coalesces a burst of registry changes: the first change
+	// after a quiet window is pushed at once, later ones at most this long after the last
+	// push; default 100 ms.
 	Debounce time.Duration
 	// Domain is the cluster DNS domain; default cluster.local.
 	Domain string
@@ -61,12 +71,19 @@ type Config struct {
 	ClusterLocalNamespaces []string
 	// ClusterLocalHosts never leave their cluster; default [kubernetes.default.svc.<domain>].
 	ClusterLocalHosts []mesh.Hostname
+	// Resolver looks up the names of resolution-DNS ServiceEntries; nil is
+	// net.DefaultResolver.
+	Resolver *net.Resolver
+	// DNSRefresh is how often those names are looked up again; default 30 s.
+	DNSRefresh time.Duration
 	// Log receives events; nil discards them.
 	Log *slog.Logger
 	// Metrics registers the primary's metrics; nil uses a private registry.
 	Metrics prometheus.Registerer
 }
 
+// withDefaults validates c and returns it with every zero optional field set to its
+// documented default.
 func (c Config) withDefaults() (Config, error) {
 	if c.ClusterID == "" || c.LocalClient == nil {
 		return c, errors.New("primary: ClusterID and LocalClient are required")
@@ -83,6 +100,7 @@ func (c Config) withDefaults() (Config, error) {
 	def(&c.StaleWindow, 60*time.Second)
 	def(&c.ProbeInterval, 5*time.Second)
 	def(&c.Debounce, 100*time.Millisecond)
+	def(&c.DNSRefresh, 30*time.Second)
 	if c.Namespace == "" {
 		c.Namespace = remote.DefaultNamespace
 	}
@@ -108,24 +126,34 @@ func (c Config) withDefaults() (Config, error) {
 }
 
 // Primary is the control plane: cluster watchers, the registry, the snapshot builder and
-// the xDS server.
+// the xDS server. New builds it, RegisterXDS mounts its ADS server, Run runs it; the
+// debug handlers and Ready may be called from any goroutine.
 type Primary struct {
 	cfg      Config
 	reg      *Registry
 	clusters *Clusters
 	cache    *viewCache
-	builder  *Builder // used by the pusher only
+	builder  *Builder // used by the pusher only (Builder is not safe for concurrent use)
 	metrics  *metrics
-	log      *slog.Logger
-	newView  chan struct{}
+	// authMetrics count the secure port's decisions (auth.go).
+	authMetrics *authMetrics
+	config      *configState // traffic configuration status (configz.go)
+	// entries are the ServiceEntry workload selectors the cluster watchers apply.
+	entries *entrySelectors
+	log     *slog.Logger
+	// newView wakes the pusher when a proxy asks for a view nobody asked for before;
+	// buffered 1, so noteView never blocks and repeated wakes coalesce.
+	newView chan struct{}
 
-	mu sync.Mutex
-	// views, streams, lastView, pushes and firstPush are guarded by mu.
-	views     map[ViewKey]bool
-	streams   map[int64]Proxy
-	lastView  *View
+	// mu guards the fields below. It is never held while building or publishing a view,
+	// so connecting proxies and debug handlers never wait for a push.
+	mu        sync.Mutex
+	views     map[ViewKey]bool // every view some proxy has asked for; built on every push
+	streams   map[int64]Proxy  // open xDS streams by go-control-plane's stream ID
+	lastView  *View            // the registry view of the last push, for /debug
 	pushes    uint64
-	firstPush bool
+	firstPush bool           // a push has completed; Ready waits for it
+	secure    *secureStreams // the secure port's stream state, set by RegisterSecureXDS
 }
 
 // New validates cfg and returns a primary; Run starts it.
@@ -139,6 +167,7 @@ func New(cfg Config) (*Primary, error) {
 		Domain: cfg.Domain, TrustDomain: cfg.TrustDomain, SystemNamespace: cfg.Namespace,
 		DefaultNetwork: cfg.DefaultNetwork, CIDRs: cfg.NetworkCIDRs,
 		LocalNamespaces: map[string]bool{}, LocalHosts: map[mesh.Hostname]bool{}, Log: cfg.Log,
+		Entries: newEntrySelectors(),
 	}
 	for _, ns := range cfg.ClusterLocalNamespaces {
 		wc.LocalNamespaces[ns] = true
@@ -155,10 +184,17 @@ func New(cfg Config) (*Primary, error) {
 		streams: map[int64]Proxy{},
 	}
 	p.clusters = newClusters(p.reg, wc, cfg.KubeconfigPolicy)
+	p.entries = wc.Entries
 	p.cache = newViewCache(p.noteView)
 	p.builder = NewBuilder()
-	p.metrics, err = newMetrics(cfg.Metrics, p)
+	p.metrics, err = newMetrics(cfg.Metrics, p.clusters.Statuses)
 	if err != nil {
+		return nil, err
+	}
+	if p.authMetrics, err = newAuthMetrics(cfg.Metrics); err != nil {
+		return nil, err
+	}
+	if p.config, err = newConfigState(cfg.Metrics); err != nil {
 		return nil, err
 	}
 	return p, nil
@@ -189,8 +225,16 @@ func (p *Primary) RegisterXDS(ctx context.Context, s *grpc.Server) {
 	discovery.RegisterAggregatedDiscoveryServiceServer(s, srv)
 }
 
+// callbacks admit streams and count them: every request must carry a node the primary
+// can classify (ProxyFromNode; go-control-plane copies a stream's first node into its
+// later requests), or the stream is refused and counted; a request carrying an error
+// detail is a NACK and is counted by type URL.
 func (p *Primary) callbacks() server.Callbacks {
 	check := func(id int64, n *core.Node, typeURL string, nack bool) error {
+		if typeURL == resource.SecretType {
+			p.metrics.rejected.Inc()
+			return fmt.Errorf("primary: refusing xDS stream: secrets (SDS) are served only on the authenticated port")
+		}
 		proxy, err := ProxyFromNode(n)
 		if err != nil {
 			p.metrics.rejected.Inc()
@@ -227,64 +271,107 @@ func (p *Primary) callbacks() server.Callbacks {
 	}
 }
 
-// Run watches clusters and pushes configuration until ctx ends.
+// Run watches clusters and pushes configuration until ctx ends. It returns only after
+// every goroutine it started has exited (watchers, source polling, metrics), so nothing
+// writes the registry or the metrics after it returns. The error is the remote-secret
+// watch's, if it could not start.
 func (p *Primary) Run(ctx context.Context) error {
+	// The local cluster is added before anything can push, so that Ready never reports
+	// a primary that has not yet started watching its own cluster.
 	p.clusters.addLocal(p.cfg.ClusterID, p.cfg.LocalClient)
-	defer p.clusters.stopAll()
-	errc := make(chan error, 2)
-	go func() { errc <- p.clusters.watchSecrets(ctx, p.cfg.LocalClient, p.cfg.Namespace) }()
-	if p.cfg.KubeconfigDir != "" {
-		go func() {
-			t := time.NewTicker(5 * time.Second)
-			defer t.Stop()
-			for {
-				if err := p.clusters.scanDir(p.cfg.KubeconfigDir); err != nil {
-					p.log.Warn("kubeconfig directory", "err", err)
-				}
-				select {
-				case <-ctx.Done():
-					return
-				case <-t.C:
-				}
-			}
-		}()
+	var wg sync.WaitGroup
+	var clustersErr error
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		clustersErr = p.clusters.run(ctx, p.cfg.LocalClient, p.cfg.Namespace, p.cfg.KubeconfigDir)
+	}()
+	go func() {
+		defer wg.Done()
+		p.metrics.loop(ctx)
+	}()
+	var istioErr, secErr, ingErr error
+	if p.cfg.IstioClient != nil {
+		w := &istioConfigWatcher{client: p.cfg.IstioClient, discovery: p.cfg.LocalClient.Discovery(), reg: p.reg, cluster: p.cfg.ClusterID,
+			domain: p.cfg.Domain, poll: p.cfg.ProbeInterval, log: p.log, absent: func() { p.config.noCRDs.Store(true) },
+			resolver: newEntryResolver(p.cfg.Resolver, p.cfg.DNSRefresh), entries: p.entries}
+		wg.Go(func() { istioErr = w.run(ctx) })
+		sw := &securityConfigWatcher{client: p.cfg.IstioClient, discovery: p.cfg.LocalClient.Discovery(), reg: p.reg,
+			root: p.cfg.Namespace, poll: p.cfg.ProbeInterval, log: p.log}
+		wg.Go(func() { secErr = sw.run(ctx) })
+		iw := &ingressConfigWatcher{istio: p.cfg.IstioClient, kube: p.cfg.LocalClient, discovery: p.cfg.LocalClient.Discovery(), reg: p.reg,
+			namespace: p.cfg.Namespace, poll: p.cfg.ProbeInterval, log: p.log}
+		wg.Go(func() { ingErr = iw.run(ctx) }) // ingressconfig.go
+		wg.Go(func() { p.config.runEvents(ctx, p.cfg.LocalClient, p.log) })
+	} else {
+		p.reg.SetSecurityConfig(&SecurityConfig{RootNamespace: p.cfg.Namespace}) // no policy can exist
 	}
-	go p.metrics.loop(ctx)
-	err := p.pushLoop(ctx)
-	if e := <-errc; e != nil && err == nil {
-		err = e
+	err := p.pushLoop(ctx) // returns when ctx ends, like the two above
+	wg.Wait()
+	if err == nil {
+		err = cmp.Or(clustersErr, istioErr, secErr, ingErr)
 	}
 	return err
 }
 
-// pushLoop rebuilds and publishes every view after registry changes, coalescing changes
-// that arrive within the debounce window.
+// pushLoop rebuilds and publishes every view after registry changes: an isolated change
+// is pushed at once, and a burst is coalesced into pushes at most one debounce window
+// apart (see coalescePushes).
 func (p *Primary) pushLoop(ctx context.Context) error {
 	p.push(ctx) // an empty but valid first configuration
+	after := func(d time.Duration) (<-chan time.Time, func()) {
+		t := time.NewTimer(d)
+		return t.C, func() { t.Stop() }
+	}
+	coalescePushes(ctx, p.reg.Changed(), p.newView, p.cfg.Debounce, after, func() { p.push(ctx) })
+	return nil // ctx ended, like the watchers'
+}
+
+// coalescePushes calls push for changes received on changed or newView until ctx ends,
+// with a leading edge: the first change after a quiet window is pushed at once, and
+// changes that arrive within window of a push are held and pushed together when that
+// window ends, which starts a new window. So a lone change waits for no timer, a change
+// inside a burst waits at most one window (plus the push in progress), and a steady
+// stream of changes costs one push per window. after starts a timer and returns its
+// channel and a stop function; it is a parameter so that tests drive the clock.
+func coalescePushes(ctx context.Context, changed, newView <-chan struct{}, window time.Duration,
+	after func(time.Duration) (<-chan time.Time, func()), push func()) {
 	for {
-		select {
+		select { // quiet: nothing pushed within the last window
 		case <-ctx.Done():
-			return nil
-		case <-p.reg.Changed():
-		case <-p.newView:
+			return
+		case <-changed:
+		case <-newView:
 		}
-		timer := time.NewTimer(p.cfg.Debounce)
-	debounce:
+		push() // leading edge
 		for {
-			select {
-			case <-ctx.Done():
-				timer.Stop()
-				return nil
-			case <-p.reg.Changed():
-			case <-p.newView:
-			case <-timer.C:
-				break debounce
+			expired, stop := after(window)
+			pending := false
+		window:
+			for {
+				select {
+				case <-ctx.Done():
+					stop()
+					return
+				case <-changed:
+					pending = true
+				case <-newView:
+					pending = true
+				case <-expired:
+					break window
+				}
 			}
+			if !pending {
+				break // the window passed without changes: quiet again
+			}
+			push() // trailing edge: every change held during the window
 		}
-		p.push(ctx)
 	}
 }
 
+// push builds every requested view from one registry view and publishes it. A view that
+// fails to build or publish is logged and counted, and keeps its previous resources: one
+// bad view never blocks the others.
 func (p *Primary) push(ctx context.Context) {
 	start := time.Now()
 	v := p.reg.View()
@@ -299,6 +386,7 @@ func (p *Primary) push(ctx context.Context) {
 	}
 	p.lastView = v
 	p.mu.Unlock()
+	p.config.record(slices.Concat(p.builder.trafficPlanFor(v).status, p.builder.securityPlanFor(v).status))
 	for _, k := range keys {
 		res, err := p.builder.Build(v, k)
 		if err == nil {
@@ -309,6 +397,9 @@ func (p *Primary) push(ctx context.Context) {
 			p.log.Error("push", "view", k, "err", err)
 		}
 	}
+	if v.Traffic != nil {
+		p.config.pushed.Store(true) // every view now carries the traffic configuration
+	}
 	p.mu.Lock()
 	p.firstPush = true
 	p.mu.Unlock()
@@ -316,13 +407,14 @@ func (p *Primary) push(ctx context.Context) {
 	p.metrics.pushSeconds.Observe(time.Since(start).Seconds())
 }
 
-// Ready reports whether the primary has pushed once and every cluster has finished (or
-// given up) its first sync.
+// Ready reports whether the primary has pushed once, every cluster has finished (or
+// given up) its first sync, and, when it reads Istio configuration, a push has carried it
+// (or the config cluster has no Istio CRDs).
 func (p *Primary) Ready() bool {
 	p.mu.Lock()
 	first := p.firstPush
 	p.mu.Unlock()
-	return first && p.clusters.Ready()
+	return first && p.clusters.Ready() && (p.cfg.IstioClient == nil || p.config.ready())
 }
 
 // Client returns a client for a watched cluster (the local one or a linked remote), for

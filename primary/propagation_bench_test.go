@@ -19,6 +19,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/isthmus-mesh/isthmus/mesh"
 	"github.com/isthmus-mesh/isthmus/primary"
 )
 
@@ -80,7 +81,7 @@ func benchPropagation(b *testing.B, i int) {
 		b.Fatal(err)
 	}
 	meta, _ := structpb.NewStruct(map[string]any{primary.MetaGenerator: "grpc"})
-	name := primary.ClusterName(8080, "", "prop.prop.svc.cluster.local")
+	name := mesh.OutboundName{Port: 8080, Host: "prop.prop.svc.cluster.local"}.ClusterName()
 	stream.Send(&discovery.DiscoveryRequest{Node: &core.Node{Id: fmt.Sprintf("sidecar~bench~%d", i), Metadata: meta},
 		TypeUrl: resource.EndpointType, ResourceNames: []string{name}})
 	got := make(chan []string, 64)

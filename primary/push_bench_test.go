@@ -44,7 +44,7 @@ func pushView(b *testing.B, weight uint32) (*View, Resources) {
 }
 
 func watcherNames(i int) []string {
-	return []string{ClusterName(8080, "", mesh.ServiceKey{Namespace: "ns", Name: fmt.Sprintf("svc%03d", i%100)}.Hostname(""))}
+	return []string{mesh.OutboundName{Port: 8080, Host: mesh.ServiceKey{Namespace: "ns", Name: fmt.Sprintf("svc%03d", i%100)}.Hostname("")}.ClusterName()}
 }
 
 func BenchmarkPush1000Watchers(b *testing.B) {

@@ -103,7 +103,7 @@ func benchScale(b *testing.B, clusters, services, perCluster, clients, changes i
 	var ready sync.WaitGroup
 	for i := range clients {
 		svc := fmt.Sprintf("svc%03d", i%services)
-		name := ClusterName(8080, "", mesh.ServiceKey{Namespace: "ns", Name: svc}.Hostname(""))
+		name := mesh.OutboundName{Port: 8080, Host: mesh.ServiceKey{Namespace: "ns", Name: svc}.Hostname("")}.ClusterName()
 		stream, err := discovery.NewAggregatedDiscoveryServiceClient(conn).StreamAggregatedResources(ctx)
 		if err != nil {
 			b.Fatal(err)

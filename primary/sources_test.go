@@ -110,7 +110,7 @@ func TestDeltaXDS(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	want := primary.ClusterName(echoPort, "", echoHost)
+	want := mesh.OutboundName{Port: echoPort, Host: echoHost}.ClusterName()
 	for {
 		resp, err := stream.Recv()
 		if err != nil {

@@ -14,7 +14,8 @@ type lbEndpoint struct {
 	Weight   uint32
 	Health   mesh.Health
 	Locality mesh.Locality
-	Gateway  bool // the address is another network's gateway
+	Network  mesh.NetworkID // the endpoint's network ("" when it has none)
+	Gateway  bool           // the address is another network's gateway
 }
 
 // splitHorizon returns the addresses a proxy on network sees for one service port.
@@ -40,7 +41,7 @@ func splitHorizon(eps []mesh.Endpoint, portName string, network mesh.NetworkID, 
 			continue
 		}
 		if e.Network == "" || e.Network == network {
-			out = append(out, lbEndpoint{Addr: ap, Weight: e.EffectiveWeight(), Health: e.Health, Locality: e.Locality})
+			out = append(out, lbEndpoint{Addr: ap, Weight: e.EffectiveWeight(), Health: e.Health, Locality: e.Locality, Network: e.Network})
 			continue
 		}
 		if localOnly || !e.MTLSReady || len(gateways[e.Network]) == 0 {
@@ -69,7 +70,7 @@ func splitHorizon(eps []mesh.Endpoint, portName string, network mesh.NetworkID, 
 		}
 		for _, gw := range gws {
 			out = append(out, lbEndpoint{
-				Addr: netip.AddrPortFrom(gw.Address, gw.Port), Weight: w, Health: health, Locality: g.locality, Gateway: true,
+				Addr: netip.AddrPortFrom(gw.Address, gw.Port), Weight: w, Health: health, Locality: g.locality, Network: g.network, Gateway: true,
 			})
 		}
 	}

@@ -5,21 +5,33 @@ import (
 	"slices"
 	"strings"
 
+	"istio.io/api/label"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 
 	"github.com/isthmus-mesh/isthmus/mesh"
 )
 
-// Labels and ports Isthmus reads, in Istio's spelling (DESIGN §3).
-const (
-	LabelNetwork   = "topology.istio.io/network"
-	LabelCluster   = "topology.istio.io/cluster"
-	LabelSubzone   = "topology.istio.io/subzone"
-	LabelTLSMode   = "security.istio.io/tlsMode"
-	TLSModeIstio   = "istio"
-	GatewayTLSPort = 15443
+// Labels Isthmus reads, exactly as Istio spells them: istio.io/api/label publishes the
+// names, so a typo here cannot make a cluster silently lose its network.
+var (
+	// LabelNetwork (topology.istio.io/network) on a pod, a namespace or the system
+	// namespace names the network; on a Service with port GatewayPort it marks that
+	// network's east-west gateway.
+	LabelNetwork = label.TopologyNetwork.Name
+	// LabelTLSMode (security.istio.io/tlsMode) set to TLSModeIstio on a pod says its
+	// workload terminates Isthmus mTLS, which is what lets other networks reach it.
+	LabelTLSMode = label.SecurityTlsMode.Name
 )
+
+// TLSModeIstio is the LabelTLSMode value of a workload that speaks Isthmus (Istio) mTLS.
+// istio.io/api publishes no constant for it.
+const TLSModeIstio = "istio"
+
+// GatewayPort is where east-west gateways take cross-network mTLS (Istio's 15443): a
+// Service labelled with a network and exposing this port is that network's gateway, and an
+// Envoy gateway's AUTO_PASSTHROUGH listener binds it.
+const GatewayPort = 15443
 
 // NetworkCIDR assigns addresses in Prefix to Network when neither pod nor namespace says.
 type NetworkCIDR struct {
@@ -42,6 +54,9 @@ type translator struct {
 }
 
 // protocolOf derives a port's protocol from appProtocol or Istio's name-prefix convention.
+// appProtocol, when set, wins over the name (as in Istio); matching is case-insensitive
+// and on the part before the first '-', so "grpc-echo" is gRPC. Anything else is
+// ProtocolUnknown, which is treated as opaque TCP.
 func protocolOf(p corev1.ServicePort) mesh.Protocol {
 	name := strings.ToLower(p.Name)
 	if p.AppProtocol != nil {
@@ -64,7 +79,8 @@ func protocolOf(p corev1.ServicePort) mesh.Protocol {
 }
 
 // service translates a Service; ok is false for services that never leave their cluster
-// or have no usable port.
+// (ExternalName) or have no usable port. Only TCP ports are kept: UDP and SCTP are not
+// meshed. A headless Service has no VIP (svc.VIP stays invalid).
 func (t *translator) service(s *corev1.Service) (*Service, bool) {
 	if s.Spec.Type == corev1.ServiceTypeExternalName {
 		return nil, false
@@ -85,6 +101,10 @@ func (t *translator) service(s *corev1.Service) (*Service, bool) {
 
 // endpoints translates a service's EndpointSlices (IPv4 and IPv6 alike), joining each
 // address with its Pod (identity, network label, mTLS readiness) and Node (locality).
+// Slice ports are matched to Service ports by name, which is how EndpointSlices name
+// them; an address in several slices (during a slice's replacement) counts once, the
+// first seen. The result is sorted by address, so the registry sees no change when only
+// the order of slices did.
 func (t *translator) endpoints(svc *corev1.Service, eps []*discoveryv1.EndpointSlice) []mesh.Endpoint {
 	// Map each slice port to the service port it serves, by name.
 	svcPorts := map[string]corev1.ServicePort{}
@@ -130,6 +150,10 @@ func (t *translator) endpoints(svc *corev1.Service, eps []*discoveryv1.EndpointS
 	return out
 }
 
+// endpoint builds one address's endpoint. The identity is the pod's service account
+// ("default" when unset, as Kubernetes does) in the configured trust domain; without a
+// pod (no targetRef, or not in the cache yet) there is no identity and no mTLS. Locality
+// comes from the node's topology labels, falling back to the slice's zone hint.
 func (t *translator) endpoint(addr netip.Addr, e discoveryv1.Endpoint, ports []mesh.Port) mesh.Endpoint {
 	ep := mesh.Endpoint{Address: addr, Ports: ports, Cluster: t.cluster, Health: health(e.Conditions)}
 	var pod *corev1.Pod
@@ -149,6 +173,7 @@ func (t *translator) endpoint(addr netip.Addr, e discoveryv1.Endpoint, ports []m
 			ep.Identity = id
 		}
 		ep.MTLSReady = pod.Labels[LabelTLSMode] == TLSModeIstio
+		ep.Labels = pod.Labels // subsets select on them; informer objects are not mutated
 	}
 	ep.Network = t.networkOf(addr, pod, nsLabels)
 	nodeName := ""
@@ -161,7 +186,7 @@ func (t *translator) endpoint(addr netip.Addr, e discoveryv1.Endpoint, ports []m
 		ep.Locality = mesh.Locality{
 			Region:  node.Labels[corev1.LabelTopologyRegion],
 			Zone:    node.Labels[corev1.LabelTopologyZone],
-			Subzone: node.Labels[LabelSubzone],
+			Subzone: node.Labels[label.TopologySubzone.Name],
 		}
 	} else if e.Zone != nil {
 		ep.Locality.Zone = *e.Zone
@@ -169,6 +194,7 @@ func (t *translator) endpoint(addr netip.Addr, e discoveryv1.Endpoint, ports []m
 	return ep
 }
 
+// nodeOrNil returns the named node, or nil when the name is empty or unknown.
 func (t *translator) nodeOrNil(name string) *corev1.Node {
 	if name == "" || t.node == nil {
 		return nil
@@ -177,7 +203,8 @@ func (t *translator) nodeOrNil(name string) *corev1.Node {
 }
 
 // networkOf resolves an endpoint's network: the pod's label, its namespace's label, the
-// configured CIDR map, then the cluster's default network.
+// configured CIDR map (first matching prefix wins), then the cluster's default network.
+// A label value that is not a valid network ID is ignored, as if absent.
 func (t *translator) networkOf(addr netip.Addr, pod *corev1.Pod, nsLabels map[string]string) mesh.NetworkID {
 	if pod != nil {
 		if n, err := mesh.ParseNetworkID(pod.Labels[LabelNetwork]); err == nil {
@@ -195,6 +222,8 @@ func (t *translator) networkOf(addr netip.Addr, pod *corev1.Pod, nsLabels map[st
 	return t.defaultNetwork
 }
 
+// health reads an endpoint's conditions. An unset Ready means ready, as the
+// EndpointSlice API specifies; a not-ready terminating endpoint is draining.
 func health(c discoveryv1.EndpointConditions) mesh.Health {
 	switch {
 	case c.Ready == nil || *c.Ready:
@@ -206,15 +235,16 @@ func health(c discoveryv1.EndpointConditions) mesh.Health {
 	}
 }
 
-// gateway returns the network gateways a Service describes: a Service labelled
-// topology.istio.io/network with port 15443, reached at its load-balancer ingress or
-// external IPs.
+// gatewaysOf returns the network gateways a Service describes: a Service labelled
+// topology.istio.io/network with port GatewayPort, reached at its load-balancer ingress
+// IPs or external IPs (hostnames are skipped: the primary sends addresses). A Service
+// without an address yet describes no gateway.
 func gatewaysOf(cluster mesh.ClusterID, s *corev1.Service) []Gateway {
 	network, err := mesh.ParseNetworkID(s.Labels[LabelNetwork])
 	if err != nil {
 		return nil
 	}
-	hasPort := slices.ContainsFunc(s.Spec.Ports, func(p corev1.ServicePort) bool { return p.Port == GatewayTLSPort })
+	hasPort := slices.ContainsFunc(s.Spec.Ports, func(p corev1.ServicePort) bool { return p.Port == GatewayPort })
 	if !hasPort {
 		return nil
 	}
@@ -226,7 +256,7 @@ func gatewaysOf(cluster mesh.ClusterID, s *corev1.Service) []Gateway {
 	var out []Gateway
 	for _, a := range addrs {
 		if ip, err := netip.ParseAddr(a); err == nil {
-			out = append(out, Gateway{Network: network, Address: ip, Port: GatewayTLSPort, Cluster: cluster})
+			out = append(out, Gateway{Network: network, Address: ip, Port: GatewayPort, Cluster: cluster})
 		}
 	}
 	return out

@@ -9,7 +9,6 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
@@ -19,37 +18,9 @@ import (
 	"github.com/isthmus-mesh/isthmus/mesh"
 )
 
-// ClusterState is where a cluster's link stands.
-type ClusterState string
-
-// Cluster states; see docs/primary.md.
-const (
-	StateSyncing     ClusterState = "syncing"
-	StateSynced      ClusterState = "synced"
-	StateTimeout     ClusterState = "timeout"
-	StateUnreachable ClusterState = "unreachable"
-	StateRemoved     ClusterState = "removed"
-	StateError       ClusterState = "error"
-)
-
-// ClusterStatus is what /debug/clusterz and `isthmus status` show for one cluster.
-type ClusterStatus struct {
-	ID         mesh.ClusterID `json:"id"`
-	Source     string         `json:"source"` // "local", "secret ns/name" or "file path"
-	State      ClusterState   `json:"state"`
-	Since      time.Time      `json:"since"`              // when State was entered
-	LastSync   time.Time      `json:"lastSync,omitzero"`  // last successful sync or probe
-	Staleness  string         `json:"staleness,omitzero"` // how long data has gone unrefreshed, while unreachable
-	Withdrawn  bool           `json:"withdrawn,omitzero"` // endpoints withdrawn after the stale window
-	Services   int            `json:"services"`
-	Endpoints  int            `json:"endpoints"`
-	Error      string         `json:"error,omitzero"`
-	Credential string         `json:"credential,omitzero"` // short hash of the credential in use
-	Rotating   bool           `json:"rotating,omitzero"`   // a new credential is syncing
-	PendingErr string         `json:"pendingError,omitzero"`
-}
-
-// watcherConfig is what a clusterWatcher needs from the primary's configuration.
+// watcherConfig is what a clusterWatcher needs from the primary's configuration; New
+// fills it from Config with the defaults applied. LocalNamespaces and LocalHosts are
+// shared by every watcher and never written after New.
 type watcherConfig struct {
 	SyncTimeout     time.Duration
 	StaleWindow     time.Duration
@@ -61,12 +32,22 @@ type watcherConfig struct {
 	CIDRs           []NetworkCIDR
 	LocalNamespaces map[string]bool
 	LocalHosts      map[mesh.Hostname]bool
-	Log             *slog.Logger
+	// Entries are the applied ServiceEntry workloadSelectors (shared by every watcher,
+	// written by the config watcher): each watcher adds its cluster's selected pods to
+	// its shard as endpoints of the entries' hosts. Nil selects nothing.
+	Entries *entrySelectors
+	Log     *slog.Logger
 }
 
 // clusterWatcher watches one cluster and keeps its registry shard current. It is a
 // level-triggered controller: informer events queue service keys; a key is reconciled
 // from the caches into one registry update.
+//
+// Lifecycle: start runs it; it syncs its caches (syncedCh), then waits to be enabled
+// (enableCh) before it writes the shard, so that a rotated credential's watcher can sync
+// beside the active one without both writing; stop cancels it and waits for every
+// goroutine it started. The fields from queue to tr are set by run before any handler
+// or probe reads them, and then only read.
 type clusterWatcher struct {
 	id     mesh.ClusterID
 	source string
@@ -89,18 +70,38 @@ type clusterWatcher struct {
 	cancel    context.CancelFunc
 	done      chan struct{}
 	credHash  [32]byte // of the kubeconfig this watcher uses (zero for the local cluster)
+	// readyz, when set, replaces the probe of the API server's /readyz (tests).
+	readyz func(context.Context) error
 
-	mu sync.Mutex
-	// status is guarded by mu.
-	status ClusterStatus
-	// withdrawn and unreachableSince are guarded by mu.
-	withdrawn        bool
-	unreachableSince time.Time
-	synced           bool
+	// writeMu serializes the watcher's writes of its shard, each with the reads of the
+	// caches it is computed from: a reconcile, a full publish, a withdrawal. Without it a
+	// publish computed before a reconcile could land after it (stale data until the next
+	// event), or a reconcile that saw withdrawn unset could land after the withdrawal.
+	// It is held across registry calls, never across I/O; mu may be taken inside it.
+	writeMu sync.Mutex
+	// entryHosts are the ServiceEntry hosts the last write gave selected pods' endpoints
+	// (so that the next one removes those no longer selected); guarded by writeMu.
+	entryHosts map[mesh.Hostname]bool
+
+	// mu guards the fields below it. It is held only for reads and writes of them, never
+	// across a registry call or I/O.
+	mu               sync.Mutex
+	status           ClusterStatus
+	withdrawn        bool      // the link-health policy emptied the shard; processNext drops keys
+	unreachableSince time.Time // zero while the API server answers
+	synced           bool      // the caches have synced once
 }
 
-const gatewaysKey = "\x00gateways" // queue key that recomputes the cluster's gateways
+// gatewaysKey is the queue key that recomputes the cluster's gateways. The NUL byte keeps
+// it apart from every namespace/name key.
+const gatewaysKey = "\x00gateways"
 
+// entriesKey is the queue key that recomputes the endpoints ServiceEntry workload
+// selectors make of the cluster's pods.
+const entriesKey = "\x00entries"
+
+// newClusterWatcher returns a watcher of cluster id through client, in state syncing;
+// start runs it.
 func newClusterWatcher(id mesh.ClusterID, source string, client kubernetes.Interface, reg *Registry, cfg watcherConfig) *clusterWatcher {
 	w := &clusterWatcher{
 		id: id, source: source, client: client, reg: reg, cfg: cfg,
@@ -114,7 +115,8 @@ func newClusterWatcher(id mesh.ClusterID, source string, client kubernetes.Inter
 	return w
 }
 
-// start runs the watcher in the background until stop is called.
+// start runs the watcher in the background until stop is called. The watcher's context
+// is its own, not the caller's: only stop ends it, so that Clusters decides when.
 func (w *clusterWatcher) start() {
 	ctx, cancel := context.WithCancel(context.Background())
 	w.cancel = cancel
@@ -124,54 +126,25 @@ func (w *clusterWatcher) start() {
 	}()
 }
 
-// stop ends the watcher and waits for it. It does not touch the registry shard.
+// stop ends the watcher and waits for it and every goroutine it started (informers,
+// probe). It does not touch the registry shard: whoever stops it decides whether the
+// shard is replaced (rotation), emptied (removal) or kept (shutdown).
 func (w *clusterWatcher) stop() {
 	w.cancel()
 	<-w.done
 }
 
-// enable lets the watcher write its shard: it publishes everything once synced.
+// enable lets the watcher write its shard: it publishes everything once synced. It may
+// be called more than once, and before or after the sync.
 func (w *clusterWatcher) enable() { w.enableOne.Do(func() { close(w.enableCh) }) }
 
-func (w *clusterWatcher) setState(s ClusterState, err error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if w.status.State != s {
-		w.status.State = s
-		w.status.Since = time.Now()
-		w.log.Info("cluster state", "state", s, "err", err)
-	}
-	if err != nil {
-		w.status.Error = err.Error()
-	} else if s == StateSynced {
-		w.status.Error = ""
-	}
-}
-
-func (w *clusterWatcher) recordError(err error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	w.status.Error = err.Error()
-}
-
-// Status returns the watcher's current status.
-func (w *clusterWatcher) Status() ClusterStatus {
-	w.mu.Lock()
-	s := w.status
-	s.Withdrawn = w.withdrawn
-	if !w.unreachableSince.IsZero() {
-		s.Staleness = time.Since(w.unreachableSince).Round(time.Second).String()
-	}
-	w.mu.Unlock()
-	sd := w.reg.Shard(w.shard)
-	if sd != nil {
-		s.Services = len(sd.Services)
-		s.Endpoints = sd.EndpointCount()
-	}
-	return s
-}
-
+// run is the watcher's body: informers, the first sync (marking timeout when it takes
+// longer than SyncTimeout, but going on waiting), then once enabled one full publish and
+// the queue loop. It returns only after ctx ends, and only after the goroutines it
+// started have returned.
 func (w *clusterWatcher) run(ctx context.Context) {
+	var bg sync.WaitGroup // probe, sync wait and queue shutdown; each ends with ctx
+	defer bg.Wait()
 	w.queue = workqueue.NewTypedRateLimitingQueue(workqueue.DefaultTypedControllerRateLimiter[string]())
 	defer w.queue.ShutDown()
 	factory := informers.NewSharedInformerFactory(w.client, 0)
@@ -211,14 +184,14 @@ func (w *clusterWatcher) run(ctx context.Context) {
 	factory.Start(ctx.Done())
 	defer factory.Shutdown()
 
-	go w.probe(ctx)
+	bg.Go(func() { w.probe(ctx) })
 	syncTimer := time.NewTimer(w.cfg.SyncTimeout)
 	defer syncTimer.Stop()
-	syncDone := make(chan bool, 1)
-	go func() {
+	syncDone := make(chan bool, 1) // buffered: the sender never waits for a run that returned
+	bg.Go(func() {
 		syncDone <- cache.WaitForCacheSync(ctx.Done(),
 			infs[0].i.HasSynced, infs[1].i.HasSynced, infs[2].i.HasSynced, infs[3].i.HasSynced, infs[4].i.HasSynced)
-	}()
+	})
 wait:
 	for {
 		select {
@@ -251,14 +224,28 @@ wait:
 	case <-w.enableCh:
 	}
 	w.publishAll()
-	go func() {
+	bg.Go(func() {
 		<-ctx.Done()
-		w.queue.ShutDown()
-	}()
+		w.queue.ShutDown() // ends processNext's Get
+	})
+	bg.Go(func() { // the selectors changed: recompute the pods they select
+		_, changed := w.cfg.Entries.get()
+		for changed != nil {
+			select {
+			case <-ctx.Done():
+				return
+			case <-changed:
+				w.queue.Add(entriesKey)
+				_, changed = w.cfg.Entries.get()
+			}
+		}
+	})
 	for w.processNext() {
 	}
 }
 
+// getter returns a typed lookup by namespace and name in idx (namespace "" for
+// cluster-scoped objects), returning T's zero value when absent.
 func getter[T any](idx cache.Indexer) func(namespace, name string) T {
 	return func(namespace, name string) T {
 		var zero T
@@ -275,6 +262,11 @@ func getter[T any](idx cache.Indexer) func(namespace, name string) T {
 	}
 }
 
+// addHandlers turns informer events into queue keys. Events carry no data of their own
+// into the registry: every key is recomputed from the caches (level-triggered), so a
+// dropped or coalesced event costs nothing. What each kind of object requeues: a Service
+// itself (and the gateways when it is or was a gateway), a slice its service, a pod the
+// services selecting it, a node or namespace label change everything.
 func (w *clusterWatcher) addHandlers(svcs, slices, pods, nodes, nss cache.SharedIndexInformer) {
 	svcHandler := func(obj any) {
 		if s, ok := unwrap[*corev1.Service](obj); ok {
@@ -296,6 +288,9 @@ func (w *clusterWatcher) addHandlers(svcs, slices, pods, nodes, nss cache.Shared
 		p, ok := unwrap[*corev1.Pod](obj)
 		if !ok {
 			return
+		}
+		if w.cfg.Entries.watches(p.Namespace) {
+			w.queue.Add(entriesKey)
 		}
 		// Requeue the services that select the pod: its labels or identity may matter.
 		for _, o := range w.services.List() {
@@ -319,6 +314,8 @@ func (w *clusterWatcher) addHandlers(svcs, slices, pods, nodes, nss cache.Shared
 	}, AddFunc: all})
 }
 
+// labelsEqual reports whether two objects carry the same labels; objects without labels
+// compare unequal, so that an unexpected type requeues rather than being missed.
 func labelsEqual(a, b any) bool {
 	ao, ok1 := a.(interface{ GetLabels() map[string]string })
 	bo, ok2 := b.(interface{ GetLabels() map[string]string })
@@ -337,6 +334,7 @@ func labelsEqual(a, b any) bool {
 	return true
 }
 
+// gatewaysOrNil returns d's gateways, or nil for a nil shard (not yet published).
 func (d *ShardData) gatewaysOrNil() []Gateway {
 	if d == nil {
 		return nil
@@ -344,10 +342,12 @@ func (d *ShardData) gatewaysOrNil() []Gateway {
 	return d.Gateways
 }
 
+// handlerFuncs calls f for every add, update (with the new object) and delete.
 func handlerFuncs(f func(any)) cache.ResourceEventHandlerFuncs {
 	return cache.ResourceEventHandlerFuncs{AddFunc: f, UpdateFunc: func(_, n any) { f(n) }, DeleteFunc: f}
 }
 
+// unwrap returns obj as T, looking inside the tombstone a delete may deliver instead.
 func unwrap[T any](obj any) (T, bool) {
 	if d, ok := obj.(cache.DeletedFinalStateUnknown); ok {
 		obj = d.Obj
@@ -356,29 +356,36 @@ func unwrap[T any](obj any) (T, bool) {
 	return t, ok
 }
 
+// requeueAll queues every service, the gateways and the selected pods.
 func (w *clusterWatcher) requeueAll() {
 	for _, key := range w.services.ListKeys() {
 		w.queue.Add(key)
 	}
 	w.queue.Add(gatewaysKey)
+	w.queue.Add(entriesKey)
 }
 
+// processNext reconciles one key into the registry and reports whether the queue is
+// still open. While the cluster's endpoints are withdrawn keys are dropped: the shard
+// must stay empty, and publishAll rebuilds all of it when the link comes back.
 func (w *clusterWatcher) processNext() bool {
 	key, quit := w.queue.Get()
 	if quit {
 		return false
 	}
 	defer w.queue.Done(key)
-	w.mu.Lock()
-	withdrawn := w.withdrawn
-	w.mu.Unlock()
-	if withdrawn {
+	w.writeMu.Lock()
+	defer w.writeMu.Unlock()
+	if w.isWithdrawn() {
 		w.queue.Forget(key) // publishAll runs when the link is back
 		return true
 	}
-	if key == gatewaysKey {
+	switch key {
+	case gatewaysKey:
 		w.reg.UpdateGateways(w.shard, w.gateways())
-	} else {
+	case entriesKey:
+		w.reg.UpdateEndpoints(w.shard, w.entryEndpoints())
+	default:
 		host, svc, eps := w.translateKey(key)
 		w.reg.UpdateService(w.shard, host, svc, eps)
 	}
@@ -424,6 +431,43 @@ func (w *clusterWatcher) translateKey(key string) (mesh.Hostname, *Service, []me
 	return host, svc, tr.endpoints(s, slices)
 }
 
+// entryEndpoints computes the endpoints the ServiceEntry workload selectors make of the
+// cluster's pods, per host, with nil for each host the last computation had and this one
+// lacks (UpdateEndpoints removes those), and records the hosts. Pods in cluster-local
+// namespaces are never selected. It is called under writeMu.
+func (w *clusterWatcher) entryEndpoints() map[mesh.Hostname][]mesh.Endpoint {
+	sels, _ := w.cfg.Entries.get()
+	tr := w.tr
+	tr.defaultNetwork = w.defaultNetwork()
+	out := tr.selectedEndpoints(sels, func(ns string) []*corev1.Pod {
+		if w.cfg.LocalNamespaces[ns] {
+			return nil
+		}
+		objs, _ := w.pods.ByIndex(cache.NamespaceIndex, ns)
+		pods := make([]*corev1.Pod, 0, len(objs))
+		for _, o := range objs {
+			pods = append(pods, o.(*corev1.Pod))
+		}
+		return pods
+	})
+	next := map[mesh.Hostname]bool{}
+	for h, eps := range out {
+		if len(eps) == 0 {
+			out[h] = nil
+			continue
+		}
+		next[h] = true
+	}
+	for h := range w.entryHosts {
+		if !next[h] {
+			out[h] = nil
+		}
+	}
+	w.entryHosts = next
+	return out
+}
+
+// gateways returns the network gateways the cluster's Services describe (gatewaysOf).
 func (w *clusterWatcher) gateways() []Gateway {
 	var out []Gateway
 	for _, o := range w.services.List() {
@@ -432,8 +476,23 @@ func (w *clusterWatcher) gateways() []Gateway {
 	return out
 }
 
-// publishAll replaces the shard with everything in the caches, at once.
+// isWithdrawn reports whether the link-health policy has emptied the shard.
+func (w *clusterWatcher) isWithdrawn() bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.withdrawn
+}
+
+// publishAll replaces the shard with everything in the caches, at once: readers see the
+// cluster either as it was or as it is, never half rebuilt. It does nothing while the
+// cluster's endpoints are withdrawn: the probe publishes when the link is back (a first
+// sync that completes between two failed probes must not refill a withdrawn shard).
 func (w *clusterWatcher) publishAll() {
+	w.writeMu.Lock()
+	defer w.writeMu.Unlock()
+	if w.isWithdrawn() {
+		return
+	}
 	data := &ShardData{Services: map[mesh.Hostname]*Service{}, Endpoints: map[mesh.Hostname][]mesh.Endpoint{}, Gateways: w.gateways()}
 	for _, key := range w.services.ListKeys() {
 		host, svc, eps := w.translateKey(key)
@@ -442,82 +501,11 @@ func (w *clusterWatcher) publishAll() {
 			data.Endpoints[host] = eps
 		}
 	}
+	w.entryHosts = nil
+	for host, eps := range w.entryEndpoints() {
+		if eps != nil {
+			data.Endpoints[host] = eps
+		}
+	}
 	w.reg.ReplaceShard(w.shard, data)
-}
-
-// probe checks the API server every ProbeInterval and applies the link-health policy:
-// unreachable clusters keep their endpoints for StaleWindow, then lose them; a cluster
-// that answers again is republished.
-func (w *clusterWatcher) probe(ctx context.Context) {
-	rc := w.client.Discovery().RESTClient()
-	if rc == nil {
-		w.log.Warn("client cannot probe its API server; link health is not tracked for this cluster")
-		return
-	}
-	t := time.NewTicker(w.cfg.ProbeInterval)
-	defer t.Stop()
-	failures := 0
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		pctx, cancel := context.WithTimeout(ctx, max(w.cfg.ProbeInterval, time.Second))
-		err := rc.Get().AbsPath("/readyz").Do(pctx).Error()
-		cancel()
-		if ctx.Err() != nil {
-			return
-		}
-		if err != nil && !apierrors.IsForbidden(err) && !apierrors.IsUnauthorized(err) {
-			failures++
-			if failures < 2 {
-				continue // one lost probe is noise
-			}
-			w.mu.Lock()
-			if w.unreachableSince.IsZero() {
-				w.unreachableSince = time.Now().Add(-time.Duration(failures-1) * w.cfg.ProbeInterval)
-			}
-			since := w.unreachableSince
-			enabled := isClosed(w.enableCh)
-			shouldWithdraw := !w.withdrawn && enabled && time.Since(since) >= w.cfg.StaleWindow
-			if shouldWithdraw {
-				w.withdrawn = true
-			}
-			w.mu.Unlock()
-			w.setState(StateUnreachable, fmt.Errorf("API server probe: %w", err))
-			if shouldWithdraw {
-				w.log.Warn("withdrawing endpoints of unreachable cluster", "stale_for", time.Since(since).Round(time.Second), "window", w.cfg.StaleWindow)
-				w.reg.ReplaceShard(w.shard, nil)
-			}
-			continue
-		}
-		failures = 0
-		w.mu.Lock()
-		wasUnreachable := !w.unreachableSince.IsZero()
-		wasWithdrawn := w.withdrawn
-		w.unreachableSince = time.Time{}
-		w.withdrawn = false
-		synced := w.synced
-		if synced {
-			w.status.LastSync = time.Now()
-		}
-		w.mu.Unlock()
-		if wasUnreachable && synced {
-			w.setState(StateSynced, nil)
-			if wasWithdrawn {
-				w.log.Info("cluster reachable again; republishing")
-				w.publishAll()
-			}
-		}
-	}
-}
-
-func isClosed(ch chan struct{}) bool {
-	select {
-	case <-ch:
-		return true
-	default:
-		return false
-	}
 }

@@ -34,10 +34,12 @@ type viewCache struct {
 	// proxy asks for a view, so that the primary builds it.
 	onNewView func(ViewKey)
 
-	mu sync.Mutex
-	// views and nextID are guarded by mu.
+	// mu guards views (and everything reachable from them) and nextID. SetView marshals
+	// and sends outside it (a stream may be waiting for mu in CreateWatch while its
+	// channel is full); only openWatch answers under it, where the channel has room.
+	mu     sync.Mutex
 	views  map[ViewKey]*viewState
-	nextID int64
+	nextID int64 // the ID of the next watch, its key in viewState's watch maps
 }
 
 // viewState is one view's resources and the watches waiting on it.
@@ -54,18 +56,23 @@ type typeResources struct {
 	all    string // hash over every resource, the version of a wildcard response
 }
 
+// marshalled is one resource as it goes on the wire. Values are immutable once made and
+// shared by every response that carries the resource.
 type marshalled struct {
 	name    string
 	version string // hash of the bytes
 	any     *anypb.Any
 }
 
+// sotwWatch is a parked state-of-the-world request: it is answered (once) by the first
+// SetView that changes what it would receive, then removed.
 type sotwWatch struct {
 	req *discovery.DiscoveryRequest
 	sub cache.Subscription
 	ch  chan cache.Response
 }
 
+// deltaWatch is a parked incremental request, answered like a sotwWatch.
 type deltaWatch struct {
 	req *discovery.DeltaDiscoveryRequest
 	sub cache.Subscription
@@ -77,6 +84,7 @@ type deltaWatch struct {
 // does not yet have (make before break).
 var pushOrder = []string{resource.ClusterType, resource.EndpointType, resource.ListenerType, resource.RouteType, resource.SecretType}
 
+// newViewCache returns an empty cache; onNewView may be nil.
 func newViewCache(onNewView func(ViewKey)) *viewCache {
 	return &viewCache{views: map[ViewKey]*viewState{}, onNewView: onNewView}
 }
@@ -119,6 +127,7 @@ func marshalResources(res Resources, prev map[types.Resource]*marshalled) (map[s
 	return out, seen, nil
 }
 
+// stateLocked returns key's view, creating an empty one (c.mu held).
 func (c *viewCache) stateLocked(key ViewKey) *viewState {
 	v := c.views[key]
 	if v == nil {
@@ -137,6 +146,8 @@ func (c *viewCache) watchedStateLocked(key ViewKey) *viewState {
 	return c.stateLocked(key)
 }
 
+// viewKeyOf returns the view of a proxy's node; a node the primary cannot classify gets
+// no watch (the stream callbacks refuse it too).
 func viewKeyOf(n *core.Node) (ViewKey, error) {
 	p, err := ProxyFromNode(n)
 	if err != nil {
@@ -406,6 +417,8 @@ func (c *viewCache) Dump(key ViewKey) (map[string][]*anypb.Any, bool) {
 	return out, true
 }
 
+// sotwResp is a state-of-the-world response around shared marshalled resources;
+// returned maps each resource name to its version, for the server's ACK bookkeeping.
 type sotwResp struct {
 	req      *discovery.DiscoveryRequest
 	resp     *discovery.DiscoveryResponse
@@ -423,12 +436,14 @@ func (r *sotwResp) GetResponseVersion() string              { return r.resp.Vers
 func (r *sotwResp) GetReturnedResources() map[string]string { return r.returned }
 func (r *sotwResp) GetContext() context.Context             { return context.Background() }
 
+// deltaResp is an incremental response; next is the client's resource versions after it.
 type deltaResp struct {
 	req  *discovery.DeltaDiscoveryRequest
 	resp *discovery.DeltaDiscoveryResponse
 	next map[string]string
 }
 
+// GetDeltaDiscoveryResponse returns a fresh envelope, like sotwResp's.
 func (r *deltaResp) GetDeltaDiscoveryResponse() (*discovery.DeltaDiscoveryResponse, error) {
 	return &discovery.DeltaDiscoveryResponse{
 		SystemVersionInfo: r.resp.SystemVersionInfo, TypeUrl: r.resp.TypeUrl,

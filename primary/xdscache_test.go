@@ -40,8 +40,8 @@ func twoServices(t *testing.T, weightA uint32) Resources {
 }
 
 var (
-	edsA = ClusterName(8080, "", "a.ns.svc.cluster.local")
-	edsB = ClusterName(8080, "", "b.ns.svc.cluster.local")
+	edsA = mesh.OutboundName{Port: 8080, Host: "a.ns.svc.cluster.local"}.ClusterName()
+	edsB = mesh.OutboundName{Port: 8080, Host: "b.ns.svc.cluster.local"}.ClusterName()
 )
 
 // TestViewCacheSotw is the regression test for a proxyless client that subscribes to one

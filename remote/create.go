@@ -67,6 +67,12 @@ type CreateOptions struct {
 	// TokenDuration is the requested token lifetime; default DefaultTokenDuration. The API
 	// server may shorten it (--service-account-max-token-expiration).
 	TokenDuration time.Duration
+	// Type is TypeRemote (the default) or TypeConfig (config.go).
+	Type string
+	// Rights is RightsIsthmus (the default: ReaderRules) or RightsIstio (rights.go:
+	// IstioReaderRules and IstioNamespaceRules, for istiod's remote reader). RightsIstio
+	// is for TypeRemote only, with Namespace istiod's system namespace.
+	Rights string
 }
 
 // Created is the result of Create.
@@ -93,6 +99,20 @@ func Create(ctx context.Context, client kubernetes.Interface, source *rest.Confi
 	if o.TokenDuration == 0 {
 		o.TokenDuration = DefaultTokenDuration
 	}
+	switch o.Type {
+	case "":
+		o.Type = TypeRemote
+	case TypeRemote, TypeConfig:
+	default:
+		return nil, fmt.Errorf("remote: create secret: type %q (want %q or %q)", o.Type, TypeRemote, TypeConfig)
+	}
+	rules, err := rulesFor(o.Rights)
+	if err != nil {
+		return nil, fmt.Errorf("remote: create secret: %w", err)
+	}
+	if o.Rights == RightsIstio && o.Type == TypeConfig {
+		return nil, fmt.Errorf("remote: create secret: rights %q are for a remote cluster istiod reads; an istiod whose config cluster this is needs its own installation's RBAC", RightsIstio)
+	}
 	if o.TokenDuration < 10*time.Minute {
 		return nil, fmt.Errorf("remote: create secret: token duration %s is shorter than the API server's 10 minute minimum", o.TokenDuration)
 	}
@@ -117,8 +137,16 @@ func Create(ctx context.Context, client kubernetes.Interface, source *rest.Confi
 		return nil, wrap("service account", err)
 	}
 	roleName := o.ServiceAccount + "-" + o.Namespace
-	if err := ensureRBAC(ctx, client, roleName, o.Namespace, o.ServiceAccount); err != nil {
+	if err := ensureRBAC(ctx, client, roleName, o.Namespace, o.ServiceAccount, rules); err != nil {
 		return nil, wrap("RBAC", err)
+	}
+	if err := ensureIstioRBAC(ctx, client, roleName, o.Namespace, o.ServiceAccount, o.Rights == RightsIstio); err != nil {
+		return nil, wrap("RBAC", err)
+	}
+	if o.Type == TypeConfig {
+		if err := ensureConfigRBAC(ctx, client, roleName, o.Namespace, o.ServiceAccount); err != nil {
+			return nil, wrap("RBAC", err)
+		}
 	}
 	secs := int64(o.TokenDuration / time.Second)
 	tr, err := client.CoreV1().ServiceAccounts(o.Namespace).CreateToken(ctx, o.ServiceAccount, &authnv1.TokenRequest{
@@ -137,7 +165,11 @@ func Create(ctx context.Context, client kubernetes.Interface, source *rest.Confi
 	if err != nil {
 		return nil, wrap("write kubeconfig", err)
 	}
-	return &Created{Secret: NewSecret(o.Namespace, o.Cluster, data), Expires: tr.Status.ExpirationTimestamp.Time}, nil
+	secret := NewSecret(o.Namespace, o.Cluster, data)
+	if o.Type == TypeConfig {
+		delete(secret.Labels, MultiClusterLabel)
+	}
+	return &Created{Secret: secret, Expires: tr.Status.ExpirationTimestamp.Time}, nil
 }
 
 // caData returns the CA bundle the source configuration trusts, reading a file reference
@@ -177,11 +209,11 @@ func ensureServiceAccount(ctx context.Context, client kubernetes.Interface, ns, 
 	return err
 }
 
-// ensureRBAC creates the reader ClusterRole and its binding, or resets them to the
-// current rules.
-func ensureRBAC(ctx context.Context, client kubernetes.Interface, name, ns, sa string) error {
+// ensureRBAC creates the reader ClusterRole with rules and its binding, or resets them to
+// rules.
+func ensureRBAC(ctx context.Context, client kubernetes.Interface, name, ns, sa string, rules []rbacv1.PolicyRule) error {
 	roles := client.RbacV1().ClusterRoles()
-	role := &rbacv1.ClusterRole{ObjectMeta: metav1.ObjectMeta{Name: name, Labels: managedBy}, Rules: ReaderRules()}
+	role := &rbacv1.ClusterRole{ObjectMeta: metav1.ObjectMeta{Name: name, Labels: managedBy}, Rules: rules}
 	if _, err := roles.Create(ctx, role, metav1.CreateOptions{}); apierrors.IsAlreadyExists(err) {
 		existing, err := roles.Get(ctx, name, metav1.GetOptions{})
 		if err != nil {

@@ -70,6 +70,8 @@ func ParseKubeconfig(data []byte, policy Policy) (*rest.Config, error) {
 	if err != nil || u.Host == "" || (u.Scheme != "https" && u.Scheme != "http") {
 		return nil, fmt.Errorf("kubeconfig cluster %q: server %q is not an http(s) URL", kctx.Cluster, cluster.Server)
 	}
+	// Only the server that will be dialled is checked for plain http; checkPolicy already
+	// refused anything risky in the other entries.
 	if u.Scheme == "http" && !policy.AllowInsecure {
 		return nil, fmt.Errorf("kubeconfig cluster %q: plain-http server %q: %w", kctx.Cluster, cluster.Server, ErrForbiddenKubeconfig)
 	}
@@ -80,6 +82,9 @@ func ParseKubeconfig(data []byte, policy Policy) (*rest.Config, error) {
 	return rc, nil
 }
 
+// checkPolicy checks every user and cluster entry against p and reports all problems in
+// one error wrapping ErrForbiddenKubeconfig, sorted so that the message is the same on
+// every read of the same secret (map order would shuffle it). Nil entries are skipped.
 func checkPolicy(cfg *clientcmdapi.Config, p Policy) error {
 	var problems []string
 	for _, name := range sortedKeys(cfg.AuthInfos) {

@@ -11,8 +11,10 @@ import (
 	"github.com/isthmus-mesh/isthmus/mesh"
 )
 
-// The Istio remote-secret format (see DESIGN §3); secrets written by istioctl use the
-// same names.
+// The Istio remote-secret format, described field by field in docs/remote.md; secrets
+// written by istioctl use the same names, so either tool reads the other's. Only the label
+// selects a secret: the annotation and the name prefix are written for istioctl and for
+// operators, and the data keys name the clusters.
 const (
 	// MultiClusterLabel marks a Secret as a remote secret when set to "true".
 	MultiClusterLabel = "istio/multiCluster"

@@ -20,12 +20,18 @@ type Report struct {
 	// Passed is true when every cell passed.
 	Passed bool   `json:"passed"`
 	Cells  []Cell `json:"cells"`
+	// ControlPlanes says, by cluster, where its pods get their xDS and certificates
+	// (Run.ControlPlaneOf).
+	ControlPlanes map[string]string `json:"controlPlanes,omitempty"`
 }
 
 // Cell is what a client in one cluster saw of one service, against the expectation.
 type Cell struct {
 	From    string `json:"from"`
 	Service string `json:"service"`
+	// Mesh is the mesh whose service was called when not From's own: the call went to
+	// its import name, <name>.<namespace>.svc.<mesh>.isthmus.
+	Mesh string `json:"mesh,omitempty"`
 	// Expected lists the clusters that must answer, each with the path it must take.
 	Expected []Hop `json:"expected"`
 	// Answered lists the clusters that answered, each with the path it took.
@@ -79,12 +85,31 @@ func (r *Run) Check(ctx context.Context, o CheckOptions) (*Report, error) {
 	if expect == nil {
 		expect = r.Topology.Expect
 	}
-	rep := &Report{Scenario: r.Topology.Name, Passed: true}
+	rep := &Report{Scenario: r.Topology.Name, Passed: true, ControlPlanes: map[string]string{}}
+	for _, c := range r.Topology.Clusters {
+		rep.ControlPlanes[c.Name] = r.ControlPlaneOf(c.Name)
+	}
 	deadline := time.Now().Add(o.Timeout)
 	for _, c := range r.Topology.Clusters {
 		for _, w := range r.Topology.Workloads {
 			service := w.Service + "." + w.Namespace
-			cell, err := r.checkCell(ctx, c.Name, service, r.expected(expect, c.Name, service), o.Calls, deadline)
+			if !r.Topology.inMeshOf(c.Name, w) {
+				continue // no such service in the client's mesh: its cross-mesh cell below
+			}
+			cell, err := r.checkCell(ctx, c.Name, service, "", r.expected(expect, c.Name, service), o.Calls, deadline)
+			if err != nil {
+				return nil, err
+			}
+			rep.Passed = rep.Passed && cell.Passed
+			rep.Cells = append(rep.Cells, *cell)
+		}
+		for _, x := range r.Topology.crossMeshCells(c.Name) {
+			hops := r.expectedCross(expect, c.Name, x.Service, x.Mesh)
+			calls := o.Calls
+			if len(hops) == 0 {
+				calls = min(calls, 3) // calls that must fail: each may wait for its deadline
+			}
+			cell, err := r.checkCell(ctx, c.Name, x.Service, x.Mesh, hops, calls, deadline)
 			if err != nil {
 				return nil, err
 			}
@@ -95,13 +120,59 @@ func (r *Run) Check(ctx context.Context, o CheckOptions) (*Report, error) {
 	return rep, nil
 }
 
+// inMeshOf reports whether workload w has a Service in the mesh of cluster (always, for a
+// topology of one mesh).
+func (t *Topology) inMeshOf(cluster string, w WorkloadSpec) bool {
+	for c := range w.Replicas {
+		if t.sameMesh(c, cluster) {
+			return true
+		}
+	}
+	return false
+}
+
+// expectedCross returns the hops a client in from must see for service of another mesh:
+// the explicit expectation's, or, when meshID exports service to from's mesh, every
+// cluster of meshID running a replica on a network with a gateway, through that
+// gateway's federation listener; else none.
+func (r *Run) expectedCross(expect []Expectation, from, service, meshID string) []Hop {
+	t := r.Topology
+	var clusters []string
+	explicit := false
+	for _, e := range expect {
+		if e.From == from && e.Service == service && e.Mesh == meshID {
+			clusters, explicit = e.Reach, true
+		}
+	}
+	if !explicit && t.ExportedTo(meshID, service, t.MeshOf(from).ID) {
+		for _, w := range t.Workloads {
+			if w.Service+"."+w.Namespace != service {
+				continue
+			}
+			for _, c := range slices.Sorted(maps.Keys(w.Replicas)) {
+				spec, _ := t.Cluster(c)
+				if n, _ := t.Network(spec.Network); spec.Mesh == meshID && w.Replicas[c] > 0 && n.Gateway {
+					clusters = append(clusters, c)
+				}
+			}
+		}
+	}
+	var hops []Hop
+	for _, c := range clusters {
+		spec, _ := t.Cluster(c)
+		hops = append(hops, Hop{Cluster: c, Path: "federation gateway " + spec.Network})
+	}
+	slices.SortFunc(hops, func(a, b Hop) int { return strings.Compare(a.Cluster, b.Cluster) })
+	return hops
+}
+
 // expected returns the hops a client in from must see for service.
 func (r *Run) expected(expect []Expectation, from, service string) []Hop {
 	fromSpec, _ := r.Topology.Cluster(from)
 	var clusters []string
 	explicit := false
 	for _, e := range expect {
-		if e.From == from && e.Service == service {
+		if e.From == from && e.Service == service && e.Mesh == "" {
 			clusters, explicit = e.Reach, true
 		}
 	}
@@ -113,7 +184,7 @@ func (r *Run) expected(expect []Expectation, from, service string) []Hop {
 			for _, c := range slices.Sorted(maps.Keys(w.Replicas)) {
 				spec, _ := r.Topology.Cluster(c)
 				n, _ := r.Topology.Network(spec.Network)
-				if w.Replicas[c] > 0 && (spec.Network == fromSpec.Network || n.Gateway) {
+				if w.Replicas[c] > 0 && spec.Mesh == fromSpec.Mesh && (spec.Network == fromSpec.Network || n.Gateway) {
 					clusters = append(clusters, c)
 				}
 			}
@@ -132,16 +203,18 @@ func (r *Run) expected(expect []Expectation, from, service string) []Hop {
 	return hops
 }
 
-func (r *Run) checkCell(ctx context.Context, from, service string, expected []Hop, calls int, deadline time.Time) (*Cell, error) {
+func (r *Run) checkCell(ctx context.Context, from, service, meshID string, expected []Hop, calls int, deadline time.Time) (*Cell, error) {
 	client, ok := r.Clients[from]
 	if !ok {
 		return nil, fmt.Errorf("scenarios: no probe client in %s", from)
 	}
-	target := fmt.Sprintf("%s:%d", Hostname(service), r.Topology.ServicePort(service))
-	name, namespace, _ := strings.Cut(service, ".")
-	wantServer := r.Identity(namespace, name) // each workload runs as a service account named after its service
-	wantCaller := r.Identity(ClientNamespace, ClientServiceAccount)
-	cell := &Cell{From: from, Service: service, Expected: expected}
+	host := Hostname(service)
+	if meshID != "" {
+		host = ImportHostname(service, meshID)
+	}
+	target := fmt.Sprintf("%s:%d", host, r.Topology.ServicePort(service))
+	wantServers, wantCaller := r.expectedIdentities(from, service, meshID, expected)
+	cell := &Cell{From: from, Service: service, Mesh: meshID, Expected: expected}
 	answered := map[Hop]bool{}
 	servers, callers, errs := map[string]bool{}, map[string]bool{}, map[string]bool{}
 	for round := 0; ; round++ {
@@ -161,7 +234,7 @@ func (r *Run) checkCell(ctx context.Context, from, service string, expected []Ho
 		}
 		cell.Answered = sortedHops(answered)
 		cell.ServerIdentities, cell.CallerIdentities, cell.Errors = slices.Sorted(maps.Keys(servers)), slices.Sorted(maps.Keys(callers)), slices.Sorted(maps.Keys(errs))
-		cell.Reasons = verdict(expected, cell.Answered, cell.ServerIdentities, cell.CallerIdentities, wantServer, wantCaller)
+		cell.Reasons = verdict(expected, cell.Answered, cell.ServerIdentities, cell.CallerIdentities, wantServers, wantCaller)
 		// Two rounds at least, so that an endpoint still connecting gets its chance to
 		// show up where it must not.
 		if (len(cell.Reasons) == 0 && round >= 1) || time.Now().After(deadline) {
@@ -181,7 +254,7 @@ func (r *Run) checkCell(ctx context.Context, from, service string, expected []Ho
 }
 
 // verdict lists why answered does not match expected, and identities that are wrong.
-func verdict(expected, answered []Hop, servers, callers []string, wantServer, wantCaller string) []string {
+func verdict(expected, answered []Hop, servers, callers []string, wantServers []string, wantCaller string) []string {
 	var reasons []string
 	got := map[string]string{}
 	for _, h := range answered {
@@ -207,8 +280,8 @@ func verdict(expected, answered []Hop, servers, callers []string, wantServer, wa
 		}
 	}
 	for _, s := range servers {
-		if s != wantServer {
-			reasons = append(reasons, fmt.Sprintf("server presented identity %q, expected %q", s, wantServer))
+		if !slices.Contains(wantServers, s) {
+			reasons = append(reasons, fmt.Sprintf("server presented identity %q, expected one of %q", s, wantServers))
 		}
 	}
 	for _, c := range callers {
@@ -224,6 +297,9 @@ func (r *Run) pathOf(peer string) string {
 	for network, g := range r.Gateways {
 		if g.Public.String() == peer {
 			return "gateway " + network
+		}
+		if a := g.Addresses["federation"]; a != "" && a == peer {
+			return "federation gateway " + network
 		}
 	}
 	return "direct"
@@ -285,15 +361,18 @@ func (rep *Report) WriteTable(w io.Writer) error {
 		if !c.Passed {
 			v = "FAIL"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", c.From, c.Service, hops(c.Expected), hops(c.Answered), mtls, v)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", c.From, c.label(), hops(c.Expected), hops(c.Answered), mtls, v)
 	}
 	if err := tw.Flush(); err != nil {
 		return err
 	}
 	for _, c := range rep.Cells {
 		for _, r := range c.Reasons {
-			fmt.Fprintf(w, "  %s → %s: %s\n", c.From, c.Service, r)
+			fmt.Fprintf(w, "  %s → %s: %s\n", c.From, c.label(), r)
 		}
+	}
+	for _, name := range slices.Sorted(maps.Keys(rep.ControlPlanes)) {
+		fmt.Fprintf(w, "  %s: xDS and certificates from the %s\n", name, rep.ControlPlanes[name])
 	}
 	if rep.Passed {
 		_, err := fmt.Fprintf(w, "%s: every expectation holds (%d cells)\n", rep.Scenario, len(rep.Cells))
@@ -307,6 +386,14 @@ func (rep *Report) WriteTable(w io.Writer) error {
 	}
 	_, err := fmt.Fprintf(w, "%s: %d of %d cells failed\n", rep.Scenario, failed, len(rep.Cells))
 	return err
+}
+
+// label names the cell's service: "<name>.<ns>", or its import name for another mesh's.
+func (c Cell) label() string {
+	if c.Mesh != "" {
+		return ImportHostname(c.Service, c.Mesh)
+	}
+	return c.Service
 }
 
 func hops(hs []Hop) string {

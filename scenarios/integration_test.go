@@ -68,6 +68,13 @@ func up(t *testing.T, name string, p scenarios.Provider) *scenarios.Run {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return upTopology(t, top, p)
+}
+
+// upTopology brings top up like up.
+func upTopology(t *testing.T, top *scenarios.Topology, p scenarios.Provider) *scenarios.Run {
+	t.Helper()
+	name := top.Name
 	dir := t.TempDir()
 	start := time.Now()
 	r, err := scenarios.Up(context.Background(), top, p, scenarios.Options{Dir: dir, Progress: func(s string) { t.Log(s) }})

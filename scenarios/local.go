@@ -5,11 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -120,6 +122,10 @@ type localEnv struct {
 	podAddrs map[netip.Addr]bool
 	comps    []*Component
 	closed   bool
+	// args are each component's arguments, for restarts; routes the namespaces' routes
+	// saved by the first partition, for heals (local_fault.go). Guarded by mu.
+	args   map[*Component][]string
+	routes map[string][]nsRoute
 }
 
 // Addressing inside the shared address space 100.64.0.0/10 (RFC 6598), which no pod CIDR
@@ -155,6 +161,10 @@ func (e *localEnv) buildNetworks() error {
 		net.gateway, net.public = ns, netip.AddrFrom4([4]byte{100, 64, 255, byte(g)})
 		steps := []error{ns.NoForwarding(), ns.AddAddr(net.public),
 			netlab.Link(ns, net.pods, pfx(100, 100, g, 1), pfx(100, 100, g, 2))}
+		fed := e.t.federationAddress(n.Name).Addr()
+		if len(e.t.Meshes) > 0 {
+			steps = append(steps, ns.AddAddr(fed))
+		}
 		for _, c := range e.t.Clusters {
 			if c.Network == n.Name {
 				cidr, _ := netip.ParsePrefix(c.PodCIDR)
@@ -165,9 +175,16 @@ func (e *localEnv) buildNetworks() error {
 			if other.Name == n.Name {
 				continue
 			}
-			steps = append(steps,
-				netlab.Link(ns, e.nets[other.Name].pods, pfx(100, 80+g, ni+1, 1), pfx(100, 80+g, ni+1, 2)),
-				e.nets[other.Name].pods.Route(netip.PrefixFrom(net.public, 32), netip.AddrFrom4([4]byte{100, byte(80 + g), byte(ni + 1), 1})))
+			via := netip.AddrFrom4([4]byte{100, byte(80 + g), byte(ni + 1), 1})
+			steps = append(steps, netlab.Link(ns, e.nets[other.Name].pods, pfx(100, 80+g, ni+1, 1), pfx(100, 80+g, ni+1, 2)))
+			// Networks of the gateway's own mesh reach its in-mesh listener; every
+			// network (other meshes' too) reaches its federation listener only.
+			if e.sameMeshNetworks(n.Name, other.Name) {
+				steps = append(steps, e.nets[other.Name].pods.Route(netip.PrefixFrom(net.public, 32), via))
+			}
+			if len(e.t.Meshes) > 0 {
+				steps = append(steps, e.nets[other.Name].pods.Route(netip.PrefixFrom(fed, 32), via))
+			}
 		}
 		for _, err := range steps {
 			if err != nil {
@@ -176,6 +193,24 @@ func (e *localEnv) buildNetworks() error {
 		}
 	}
 	return nil
+}
+
+// sameMeshNetworks reports whether networks a and b carry clusters of one mesh (always
+// true for a topology of one mesh).
+func (e *localEnv) sameMeshNetworks(a, b string) bool {
+	if len(e.t.Meshes) == 0 {
+		return true
+	}
+	ma, mb := "", ""
+	for _, c := range e.t.Clusters {
+		if c.Network == a {
+			ma = c.Mesh
+		}
+		if c.Network == b {
+			mb = c.Mesh
+		}
+	}
+	return ma == mb
 }
 
 func pfx(a, b, c, d int) netip.Prefix {
@@ -208,11 +243,46 @@ func (e *localEnv) StartPrimary(ctx context.Context, s PrimarySpec) (*Component,
 	if err != nil {
 		return nil, err
 	}
-	return e.run(ctx, 3, func(ports []int) (*Component, []string) {
-		addr := map[string]string{"xds": hostPort(ports[0]), "http": hostPort(ports[1]), "ca": hostPort(ports[2])}
-		args := []string{"primary", "--kubeconfig", c.Kubeconfig, "--cluster-id", c.Name, "--ca-dir", s.CADir,
-			"--trust-domain", string(s.TrustDomain), "--xds-address", addr["xds"], "--http-address", addr["http"],
-			"--ca-address", addr["ca"], "--debounce", "20ms", "--probe-interval", "2s"}
+	probe := 2 * time.Second
+	if s.ProbeInterval > 0 {
+		probe = s.ProbeInterval
+	}
+	return e.run(ctx, 6, func(ports []int) (*Component, []string) {
+		// xDS is the secure port beside the CA, dialled by a name its serving
+		// certificate holds (localhost); there is no plaintext port. ca-gateway is the
+		// same port for the network gateway's forward, so streams through it show so.
+		addr := map[string]string{"xds": "localhost:" + strconv.Itoa(ports[1]), "http": hostPort(ports[0]), "ca": hostPort(ports[1]),
+			"bundle": hostPort(ports[2]), "ca-gateway": hostPort(ports[3])}
+		kubeconfig := c.Kubeconfig
+		if s.Kubeconfig != "" {
+			kubeconfig = s.Kubeconfig
+		}
+		args := []string{"primary", "--kubeconfig", kubeconfig, "--cluster-id", c.Name, "--ca-dir", s.CADir,
+			"--trust-domain", string(s.TrustDomain), "--http-address", addr["http"],
+			"--ca-address", addr["ca"], "--debounce", "20ms", "--probe-interval", probe.String(),
+			// A short refresh hint: peers see a new root within seconds (rotation tests).
+			"--bundle-addr", addr["bundle"], "--bundle-refresh-hint", "2s"}
+		if c.Network != "" {
+			args = append(args, "--gateway-listener", string(c.Network)+"="+addr["ca-gateway"])
+		}
+		if s.StaleWindow > 0 {
+			args = append(args, "--stale-window", s.StaleWindow.String())
+		}
+		if s.Mesh != "" {
+			// The gossip port is fixed in the arguments, so a restarted primary is found
+			// again by its peers. A short stale window: a failing peer's imports go within
+			// seconds (the link-health policy the scenarios check).
+			stale := 2 * time.Second
+			if s.StaleWindow > 0 {
+				stale = s.StaleWindow
+			}
+			addr["federation"], addr["gossip"] = hostPort(ports[4]), hostPort(ports[5])
+			args = append(args, "--mesh-id", string(s.Mesh), "--federation-addr", addr["federation"], "--federation-dir", s.FederationDir,
+				"--federation-gossip-addr", addr["gossip"], "--federation-trust-peers", "--federation-stale-window", stale.String())
+			for _, g := range s.FederationGateways {
+				args = append(args, "--federation-gateway", g)
+			}
+		}
 		return &Component{Kind: "primary", Name: "primary-" + c.Name, Cluster: c.Name, Network: c.Network, Addresses: addr}, args
 	})
 }
@@ -224,10 +294,26 @@ func (e *localEnv) StartGateway(ctx context.Context, s GatewaySpec) (*Component,
 		return nil, fmt.Errorf("scenarios: network %s has no gateway namespace", s.Network)
 	}
 	public := netip.AddrPortFrom(n.public, 15443)
+	c, err := e.cluster(s.Cluster)
+	if err != nil {
+		return nil, err
+	}
+	kubeconfig := c.Kubeconfig
 	return e.run(ctx, 1, func(ports []int) (*Component, []string) {
 		addr := map[string]string{"listen": public.String(), "http": hostPort(ports[0])}
 		args := []string{"gateway", "--netns", n.gateway.Name, "--listen", public.String(), "--http-address", addr["http"],
-			"--xds-address", s.XDS, "--network", string(s.Network), "--cluster-id", s.Cluster, "--idle-timeout", "5m"}
+			"--xds-address", s.XDS, "--network", string(s.Network), "--cluster-id", s.Cluster, "--idle-timeout", "5m",
+			"--kubeconfig", kubeconfig, "--xds-root-cert", s.RootCert, "--service-account", SystemNamespace + "/" + GatewayServiceAccount}
+		if s.XDSFromNetwork {
+			args = append(args, "--xds-netns", n.pods.Name)
+		}
+		if s.ControlPlane != "" {
+			args = append(args, "--forward", netip.AddrPortFrom(n.public, ControlPlanePort).String()+"="+s.ControlPlane)
+		}
+		if s.Federation.IsValid() {
+			addr["federation"] = s.Federation.String()
+			args = append(args, "--federation-listen", s.Federation.String())
+		}
 		return &Component{Kind: "gateway", Name: "gateway-" + string(s.Network), Cluster: s.Cluster, Network: s.Network, Addresses: addr, Public: public}, args
 	})
 }
@@ -242,7 +328,7 @@ func (e *localEnv) StartWorkload(ctx context.Context, s PodSpec) (*Component, er
 	if err != nil {
 		return nil, err
 	}
-	return e.run(ctx, 1, func(ports []int) (*Component, []string) {
+	return e.run(ctx, 2, func(ports []int) (*Component, []string) {
 		addr := map[string]string{"pod": listen.String(), "admin": hostPort(ports[0])}
 		args := []string{"workload", "--kubeconfig", c.Kubeconfig, "--cluster-id", c.Name, "--network", string(c.Network),
 			"--namespace", s.Namespace, "--pod", s.Pod, "--service-account", s.ServiceAccount, "--app", s.App,
@@ -250,6 +336,23 @@ func (e *localEnv) StartWorkload(ctx context.Context, s PodSpec) (*Component, er
 			"--root-cert", s.RootCert, "--dir", filepath.Join(e.dir, "pods", c.Name, s.Pod)}
 		if netns != "" {
 			args = append(args, "--netns", netns)
+		}
+		if s.CertTTL > 0 {
+			args = append(args, "--cert-ttl", s.CertTTL.String())
+		}
+		if s.XDSServer {
+			args = append(args, "--xds-server")
+		}
+		for _, k := range slices.Sorted(maps.Keys(s.Labels)) {
+			args = append(args, "--label", k+"="+s.Labels[k])
+		}
+		if s.Locality != (mesh.Locality{}) {
+			args = append(args, "--locality", s.Locality.String())
+		}
+		if s.ControlPlaneFromNetwork && netns != "" {
+			// The pod's xDS client dials a relay on the host that connects from the
+			// pod's network (grpc-go's xDS client takes no dialer).
+			args = append(args, "--control-plane-from-netns", "--xds-relay-address", hostPort(ports[1]))
 		}
 		return &Component{Kind: "workload", Name: s.Pod, Cluster: c.Name, Network: c.Network, Addresses: addr}, args
 	})
@@ -353,6 +456,10 @@ func (e *localEnv) start(ctx context.Context, comp *Component, args []string) (*
 	comp.stop = func() error { p.Stop(3 * time.Second); return nil }
 	e.mu.Lock()
 	e.comps = append(e.comps, comp)
+	if e.args == nil {
+		e.args = map[*Component][]string{}
+	}
+	e.args[comp] = args
 	e.mu.Unlock()
 	health := comp.Addresses["http"]
 	if health == "" {

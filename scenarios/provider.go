@@ -3,6 +3,7 @@ package scenarios
 import (
 	"context"
 	"net/netip"
+	"time"
 
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
@@ -58,8 +59,20 @@ type PrimarySpec struct {
 	Cluster string
 	// CADir is the plug-in CA directory the primary signs with.
 	CADir string
+	// Kubeconfig, when set, is the primary's credential for its cluster instead of the
+	// cluster's admin kubeconfig (an external control plane's config credential).
+	Kubeconfig string
 	// TrustDomain of the mesh.
 	TrustDomain mesh.TrustDomain
+	// StaleWindow and ProbeInterval tune link health; zero means the provider's default.
+	StaleWindow, ProbeInterval time.Duration
+	// Mesh, when set, runs the mesh's federation endpoint beside the primary
+	// (docs/federation.md), keeping its state and admin socket in FederationDir;
+	// FederationGateways are the mesh's gateways' federation listeners, which peers
+	// reach exported services through.
+	Mesh               mesh.MeshID
+	FederationDir      string
+	FederationGateways []string
 }
 
 // GatewaySpec asks for a network's east-west gateway.
@@ -69,7 +82,23 @@ type GatewaySpec struct {
 	Network mesh.NetworkID
 	Cluster string
 	XDS     string
+	// RootCert verifies the primary's secure xDS port; the gateway authenticates with the
+	// token of GatewayServiceAccount in its cluster.
+	RootCert string
+	// XDSFromNetwork, when set, makes the gateway dial XDS from inside its network (a
+	// remote cluster's gateway, whose primary is reached through another gateway).
+	XDSFromNetwork bool
+	// ControlPlane, when set, is a primary's control-plane address the gateway forwards
+	// its public ControlPlanePort to (for remote clusters on other networks).
+	ControlPlane string
+	// Federation, when valid, is where the gateway serves peer meshes (`isthmus gateway
+	// --federation-listen`): only exported services, under their federation names.
+	Federation netip.AddrPort
 }
+
+// GatewayServiceAccount is the identity east-west gateways authenticate to the primary
+// with, in SystemNamespace (Istio's name for it).
+const GatewayServiceAccount = "istio-eastwestgateway"
 
 // PodSpec asks for one workload pod.
 type PodSpec struct {
@@ -85,6 +114,17 @@ type PodSpec struct {
 	// XDS and CA are the addresses of the cluster's primary; RootCert is the file of the
 	// root that signed the CA's serving certificate.
 	XDS, CA, RootCert string
+	// CertTTL is the validity the pod asks for; zero means the workload's default.
+	CertTTL time.Duration
+	// ControlPlaneFromNetwork makes the pod dial XDS and CA from inside its network: a
+	// remote cluster's pod, whose primary is reached through a gateway.
+	ControlPlaneFromNetwork bool
+	// XDSServer serves through grpc-go's xds.NewGRPCServer (WorkloadSpec.XDSServer).
+	XDSServer bool
+	// Labels are extra Pod labels (WorkloadSpec.Labels of its cluster).
+	Labels map[string]string
+	// Locality is the pod's, for its xDS node (its cluster's region and zone).
+	Locality mesh.Locality
 }
 
 // Component is a started primary, gateway or workload.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -53,6 +54,21 @@ type Run struct {
 	Clients   map[string]*Component // by cluster
 	// Started is when Up began.
 	Started time.Time
+	// CADirs are the primaries' plug-in CA directories by cluster (a root rotation
+	// rewrites them).
+	CADirs map[string]string
+
+	// caRelays stand for the path to each primary's CA when a fault cuts it (faultaction.go).
+	caRelays map[string]*caRelay
+	// remotes are the remote clusters' ways to their primaries, by cluster (remote.go).
+	remotes map[string]remoteControlPlane
+	// ExternalCredentials are the kubeconfig files external control planes run with, by
+	// config cluster (external.go).
+	ExternalCredentials map[string]string
+
+	// rootCerts and rootFiles are the root file of each primary cluster and of each trust
+	// domain (set by setupTrust).
+	rootCerts, rootFiles map[string]string
 
 	closeOnce sync.Once
 }
@@ -72,7 +88,7 @@ func Up(ctx context.Context, t *Topology, p Provider, o Options) (*Run, error) {
 		o.Progress = func(string) {}
 	}
 	r := &Run{Topology: t, Dir: o.Dir, Primaries: map[string]*Component{}, Gateways: map[string]*Component{},
-		Clients: map[string]*Component{}, Started: time.Now()}
+		Clients: map[string]*Component{}, Started: time.Now(), remotes: map[string]remoteControlPlane{}, ExternalCredentials: map[string]string{}}
 	env, err := p.Start(ctx, t, o.Dir, o.Progress)
 	if err != nil {
 		return nil, err
@@ -97,33 +113,11 @@ func (r *Run) up(ctx context.Context, progress func(string)) error {
 		}
 	}
 
-	progress(fmt.Sprintf("trust: one root for %s, an intermediate per primary", t.Mesh.TrustDomain))
-	td, _ := mesh.ParseTrustDomain(t.Mesh.TrustDomain)
-	root, err := trust.NewRoot(td, trust.RootOptions{})
+	caDirs, err := r.setupTrust(progress)
 	if err != nil {
 		return err
 	}
-	r.RootCert = filepath.Join(r.Dir, "trust", "root-cert.pem")
-	if err := os.MkdirAll(filepath.Dir(r.RootCert), 0o700); err != nil {
-		return err
-	}
-	if err := os.WriteFile(r.RootCert, root.RootPEM(), 0o644); err != nil {
-		return err
-	}
-	caDirs := map[string]string{}
-	for _, c := range t.Clusters {
-		if c.ControlPlane.Role != RolePrimary {
-			continue
-		}
-		inter, err := root.NewIntermediate(trust.IntermediateOptions{Cluster: mesh.ClusterID(c.Name)})
-		if err != nil {
-			return err
-		}
-		caDirs[c.Name] = filepath.Join(r.Dir, "trust", c.Name)
-		if err := inter.WriteDir(caDirs[c.Name]); err != nil {
-			return err
-		}
-	}
+	r.CADirs = caDirs
 
 	// Every primary watches every other cluster (primary clusters with endpoint
 	// discovery), through a remote secret with the least-privilege reader.
@@ -132,8 +126,8 @@ func (r *Run) up(ctx context.Context, progress func(string)) error {
 			continue
 		}
 		for _, other := range clusters {
-			if other == pc {
-				continue
+			if other == pc || !t.sameMesh(pc.Name, other.Name) {
+				continue // meshes of a federation never hold each other's credentials
 			}
 			progress(fmt.Sprintf("linking %s → %s (remote secret, least-privilege reader)", pc.Name, other.Name))
 			created, err := remote.Create(ctx, other.Client, other.REST, remote.CreateOptions{Cluster: mesh.ClusterID(other.Name)})
@@ -148,8 +142,24 @@ func (r *Run) up(ctx context.Context, progress func(string)) error {
 
 	for _, c := range t.Clusters {
 		if dir, ok := caDirs[c.Name]; ok {
-			progress(fmt.Sprintf("starting the primary of %s (xDS, CA)", c.Name))
-			comp, err := r.Env.StartPrimary(ctx, PrimarySpec{Cluster: c.Name, CADir: dir, TrustDomain: td})
+			spec := PrimarySpec{Cluster: c.Name, CADir: dir, TrustDomain: t.TrustDomainOf(c.Name),
+				StaleWindow: t.Tuning.StaleWindow.Duration, ProbeInterval: t.Tuning.ProbeInterval.Duration}
+			if c.Mesh != "" && t.FederationCluster(c.Mesh) == c.Name {
+				spec.Mesh, spec.FederationDir = mesh.MeshID(c.Mesh), r.federationDir(c.Name)
+				for _, n := range t.meshGateways(c.Mesh) {
+					spec.FederationGateways = append(spec.FederationGateways, t.federationAddress(n).String())
+				}
+				progress(fmt.Sprintf("the primary of %s runs mesh %s's federation endpoint", c.Name, c.Mesh))
+			}
+			if c.ControlPlane.Role == RoleConfig {
+				progress(fmt.Sprintf("starting the external control plane of config cluster %s (its own process, config credential only)", c.Name))
+				if spec.Kubeconfig, err = r.configCredential(ctx, c.Name); err != nil {
+					return err
+				}
+			} else {
+				progress(fmt.Sprintf("starting the primary of %s (xDS, CA)", c.Name))
+			}
+			comp, err := r.Env.StartPrimary(ctx, spec)
 			if err != nil {
 				return err
 			}
@@ -157,16 +167,42 @@ func (r *Run) up(ctx context.Context, progress func(string)) error {
 		}
 	}
 
-	for _, n := range t.Networks {
-		if !n.Gateway {
-			continue
+	if err := r.federateAll(ctx, progress); err != nil {
+		return err
+	}
+
+	// Gateways of networks with a primary first: remote clusters reach their primary
+	// through them, and remote networks' gateways get their routes that way.
+	for _, primaries := range []bool{true, false} {
+		for _, n := range t.Networks {
+			if cl := r.gatewayCluster(n.Name); !n.Gateway || cl == nil || (r.Primaries[cl.Name] != nil) != primaries {
+				continue
+			}
+			if err := r.startGateway(ctx, n.Name, progress); err != nil {
+				return err
+			}
 		}
-		if err := r.startGateway(ctx, n.Name, progress); err != nil {
-			return err
+		if !primaries {
+			break
+		}
+		for _, c := range clusters {
+			if spec, _ := t.Cluster(c.Name); spec.ControlPlane.Role == RoleRemote {
+				progress(fmt.Sprintf("remote %s: istiod Service and EndpointSlice → the gateway of its primary's network; namespace annotated", c.Name))
+				cp, err := r.prepareRemote(ctx, c)
+				if err != nil {
+					return err
+				}
+				r.remotes[c.Name] = cp
+			}
 		}
 	}
 
-	return r.startWorkloads(ctx, progress)
+	if err := r.startWorkloads(ctx, progress); err != nil {
+		return err
+	}
+	// Peerings last: the peers' bundles reach running workloads through their bundle
+	// stores, as they do for a mesh that peers long after its pods started.
+	return r.federateMeshes(ctx, progress)
 }
 
 // gatewayCluster is the cluster whose primary gives network's gateway its routes: the
@@ -177,7 +213,27 @@ func (r *Run) gatewayCluster(network string) *Cluster {
 			return c
 		}
 	}
+	for _, c := range r.Env.Clusters() { // a network of remote clusters only
+		if string(c.Network) == network {
+			return c
+		}
+	}
 	return nil
+}
+
+// anchorsFileOf is a file that holds, at every moment, the roots the CA of cluster's
+// primary trusts: its plug-in CA directory's root-cert.pem, which a root rotation
+// rewrites (as Istio's istio-ca-root-cert ConfigMap follows its CA). Gateways verify their
+// primary against it, and re-read it when they reconnect. Without a CA directory it is
+// the file of the root the cluster's CA chains to.
+func (r *Run) anchorsFileOf(cluster string) string {
+	if dir, ok := r.CADirs[cluster]; ok {
+		f := filepath.Join(dir, trust.RootCertFile)
+		if _, err := os.Stat(f); err == nil {
+			return f
+		}
+	}
+	return r.RootCertOf(cluster)
 }
 
 // startGateway starts network's gateway and publishes it as a Service labelled with the
@@ -188,7 +244,18 @@ func (r *Run) startGateway(ctx context.Context, network string, progress func(st
 		return fmt.Errorf("scenarios: network %s has a gateway but no cluster with a primary", network)
 	}
 	progress(fmt.Sprintf("starting the east-west gateway of %s (in %s)", network, cl.Name))
-	comp, err := r.Env.StartGateway(ctx, GatewaySpec{Network: mesh.NetworkID(network), Cluster: cl.Name, XDS: r.Primaries[cl.Name].Addresses["xds"]})
+	spec := GatewaySpec{Network: mesh.NetworkID(network), Cluster: cl.Name, RootCert: r.anchorsFileOf(r.primaryOf(cl.Name)), ControlPlane: r.controlPlaneForward(network)}
+	if len(r.Topology.Meshes) > 0 {
+		spec.Federation = r.Topology.federationAddress(network)
+	}
+	if pc := r.Primaries[cl.Name]; pc != nil {
+		spec.XDS = pc.Addresses["xds"]
+	} else if cp, ok := r.remotes[cl.Name]; ok {
+		spec.XDS, spec.XDSFromNetwork = cp.Address, true
+	} else {
+		return fmt.Errorf("scenarios: network %s: cluster %s has neither a primary nor a way to one", network, cl.Name)
+	}
+	comp, err := r.Env.StartGateway(ctx, spec)
 	if err != nil {
 		return err
 	}
@@ -223,14 +290,27 @@ func (r *Run) startWorkloads(ctx context.Context, progress func(string)) error {
 	}
 	var jobs []job
 	for _, c := range r.Topology.Clusters {
-		pc := r.Primaries[c.Name] // every cluster runs its own primary (remote clusters are not supported yet)
 		index := 0
-		base := PodSpec{Cluster: c.Name, XDS: pc.Addresses["xds"], CA: pc.Addresses["ca"], RootCert: r.RootCert}
+		base := PodSpec{Cluster: c.Name, RootCert: r.RootCertOf(r.primaryOf(c.Name)), CertTTL: r.Topology.Tuning.CertTTL.Duration,
+			Locality: mesh.Locality{Region: c.Region, Zone: c.Zone}}
+		if cp, ok := r.remotes[c.Name]; ok { // a remote: its primary through a gateway
+			base.XDS, base.CA, base.ControlPlaneFromNetwork = cp.Address, cp.Address, true
+		} else if pc := r.Primaries[c.Name]; pc != nil {
+			ca, err := r.caAddress(c.Name, pc.Addresses["ca"])
+			if err != nil {
+				return err
+			}
+			base.XDS, base.CA = pc.Addresses["xds"], ca
+		} else {
+			return fmt.Errorf("scenarios: cluster %s has no control plane to use", c.Name)
+		}
 		for _, w := range r.Topology.Workloads {
 			for i := range w.Replicas[c.Name] {
 				s := base
 				s.Namespace, s.App, s.ServiceAccount, s.Port, s.Index = w.Namespace, w.Service, w.Service, w.Port, index
+				s.XDSServer = w.XDSServer
 				s.Pod = fmt.Sprintf("%s-%s-%d", w.Service, c.Name, i+1)
+				s.Labels = w.Labels[c.Name]
 				jobs = append(jobs, job{s, "workload"})
 				index++
 			}
@@ -268,6 +348,25 @@ func (r *Run) startWorkloads(ctx context.Context, progress func(string)) error {
 	return errors.Join(errs...)
 }
 
+// caAddress is where cluster's workloads reach their CA at ca: ca itself, or a relay when
+// a fault of the topology cuts that path.
+func (r *Run) caAddress(cluster, ca string) (string, error) {
+	for _, f := range r.Topology.Faults {
+		if f.Kind == FaultCAUnreachable && f.Target == cluster {
+			relay, err := newCARelay(ca)
+			if err != nil {
+				return "", err
+			}
+			if r.caRelays == nil {
+				r.caRelays = map[string]*caRelay{}
+			}
+			r.caRelays[cluster] = relay
+			return relay.addr(), nil
+		}
+	}
+	return ca, nil
+}
+
 // prepareCluster creates the system namespace (labelled with the cluster's network), the
 // workloads' namespaces, service accounts and Services, and the clients' namespace.
 func (r *Run) prepareCluster(ctx context.Context, c *Cluster) error {
@@ -275,9 +374,15 @@ func (r *Run) prepareCluster(ctx context.Context, c *Cluster) error {
 		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: SystemNamespace, Labels: map[string]string{primary.LabelNetwork: string(c.Network)}}},
 		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ClientNamespace}},
 		&corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: ClientServiceAccount, Namespace: ClientNamespace}},
+		&corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: GatewayServiceAccount, Namespace: SystemNamespace}},
 	}
 	for _, w := range r.Topology.Workloads {
-		if _, listed := w.Replicas[c.Name]; !listed {
+		_, listed := w.Replicas[c.Name]
+		spec, _ := r.Topology.Cluster(c.Name)
+		exported := slices.ContainsFunc(r.Topology.Exports, func(e ExportSpec) bool {
+			return e.Service == w.Service+"."+w.Namespace && r.Topology.FederationCluster(e.Mesh) == c.Name && spec.Mesh == e.Mesh
+		})
+		if !listed && !exported { // an exported Service exists where its ServiceExport is
 			continue
 		}
 		objs = append(objs,
@@ -333,6 +438,9 @@ func (r *Run) Close() error {
 	r.closeOnce.Do(func() {
 		if r.Env != nil {
 			err = r.Env.Close()
+		}
+		for _, c := range r.caRelays {
+			c.close()
 		}
 	})
 	return err

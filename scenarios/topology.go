@@ -1,6 +1,7 @@
 package scenarios
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"maps"
@@ -21,6 +22,10 @@ const (
 	// RoleRemote runs no control plane; its workloads use the primary named in
 	// ControlPlane.Primary.
 	RoleRemote = "remote"
+	// RoleConfig is the config cluster of an external control plane: a primary runs for
+	// it as a process outside every mesh cluster, holding only the cluster's
+	// `remote-secret create --type config` credential (external.go).
+	RoleConfig = "config"
 )
 
 // Trust models.
@@ -37,10 +42,20 @@ type Topology struct {
 	Name string `json:"name"`
 	// Description says in a sentence what the scenario shows.
 	Description string `json:"description,omitempty"`
-	// Mesh is the mesh every cluster belongs to.
-	Mesh MeshSpec `json:"mesh"`
-	// Trust is the trust model; only TrustSingle for now. Empty means single.
+	// Mesh is the mesh every cluster belongs to. A topology of several meshes lists them
+	// in Meshes instead (meshes.go), and each cluster names its own.
+	Mesh MeshSpec `json:"mesh,omitzero"`
+	// Meshes, Peerings and Exports make a federation of whole meshes (meshes.go,
+	// docs/federation.md): meshes with their own IDs, trust domains and control planes,
+	// peered by token, each exporting services to named peers.
+	Meshes   []MeshSpec    `json:"meshes,omitempty"`
+	Peerings []PeeringSpec `json:"peerings,omitempty"`
+	Exports  []ExportSpec  `json:"exports,omitempty"`
+	// Trust is the trust model: TrustSingle (empty) or TrustMulti.
 	Trust string `json:"trust,omitempty"`
+	// Federation lists, for TrustMulti, which primaries fetch which other clusters' trust
+	// bundles (one direction each).
+	Federation []FederationSpec `json:"federation,omitempty"`
 	// Networks are the networks clusters are on.
 	Networks []NetworkSpec `json:"networks"`
 	// Clusters are the Kubernetes clusters.
@@ -49,6 +64,18 @@ type Topology struct {
 	Workloads []WorkloadSpec `json:"workloads"`
 	// Expect lists, per client cluster and service, the clusters that must answer.
 	Expect []Expectation `json:"expect"`
+
+	// Faults, Load, Phases and Tuning make a fault scenario (fault.go, load.go,
+	// phases.go): faults applied on a schedule while every client calls every service,
+	// with expectations per phase.
+	Faults []FaultSpec        `json:"faults,omitempty"`
+	Load   LoadSpec           `json:"load,omitzero"`
+	Phases []PhaseExpectation `json:"phases,omitempty"`
+	Tuning TuningSpec         `json:"tuning,omitzero"`
+
+	// Traffic makes a traffic-management scenario (traffic.go): Istio configuration
+	// applied to every primary's cluster, and checks measured from the clients.
+	Traffic *TrafficSpec `json:"traffic,omitempty"`
 }
 
 // MeshSpec names the mesh.
@@ -84,6 +111,12 @@ type ClusterSpec struct {
 	ServiceCIDR string `json:"serviceCIDR,omitempty"`
 	// ControlPlane says whether the cluster runs a primary.
 	ControlPlane ControlPlaneSpec `json:"controlPlane"`
+	// TrustDomain of the cluster's workloads; default the mesh's. Clusters may differ only
+	// with trust: multi.
+	TrustDomain string `json:"trustDomain,omitempty"`
+	// Mesh names the cluster's mesh, one of Topology.Meshes; required with meshes and
+	// only then.
+	Mesh string `json:"mesh,omitempty"`
 }
 
 // ControlPlaneSpec is a cluster's control-plane role.
@@ -105,6 +138,13 @@ type WorkloadSpec struct {
 	// Replicas maps cluster names to how many pods run there. The Service exists in every
 	// cluster listed, also with 0 replicas.
 	Replicas map[string]int `json:"replicas"`
+	// XDSServer makes the pods serve through grpc-go's xds.NewGRPCServer (`isthmus
+	// workload --xds-server`): mTLS, AuthorizationPolicy and PeerAuthentication come from
+	// the primary's inbound Listener.
+	XDSServer bool `json:"xdsServer,omitempty"`
+	// Labels are extra pod labels per cluster (e.g. version: v1 in cluster-1), which
+	// DestinationRule subsets select on.
+	Labels map[string]map[string]string `json:"labels,omitempty"`
 }
 
 // Expectation says which clusters must answer a client in From calling Service.
@@ -115,6 +155,16 @@ type Expectation struct {
 	Service string `json:"service"`
 	// Reach lists the clusters that must answer; every other cluster must not.
 	Reach []string `json:"reach"`
+	// CallerIdentity is the SPIFFE ID every server must see for the client; default the
+	// probe client's identity in From's trust domain.
+	CallerIdentity string `json:"callerIdentity,omitempty"`
+	// ServerIdentities maps answering clusters to the SPIFFE ID their servers must
+	// present; default the service's account in that cluster's trust domain.
+	ServerIdentities map[string]string `json:"serverIdentities,omitempty"`
+	// Mesh is the mesh whose Service is called; default From's own. Another mesh's
+	// service is called by its import name, <name>.<namespace>.svc.<mesh>.isthmus, and
+	// Reach then lists clusters of that mesh.
+	Mesh string `json:"mesh,omitempty"`
 }
 
 // Parse reads a topology from YAML (or JSON). Unknown fields are errors, so a misspelt
@@ -145,23 +195,23 @@ func (t *Topology) Validate() error {
 	if err := checkName(t.Name); err != nil {
 		add("name: %v", err)
 	}
-	if t.Mesh.ID == "" {
-		t.Mesh.ID = "mesh1"
-	}
-	if _, err := mesh.ParseMeshID(t.Mesh.ID); err != nil {
-		add("mesh.id: %v", err)
-	}
-	if t.Mesh.TrustDomain == "" {
-		t.Mesh.TrustDomain = "cluster.local"
-	}
-	if _, err := mesh.ParseTrustDomain(t.Mesh.TrustDomain); err != nil {
-		add("mesh.trustDomain: %v", err)
-	}
-	if t.Trust == "" {
-		t.Trust = TrustSingle
-	}
-	if t.Trust != TrustSingle {
-		add("trust: %q is not a supported trust model (want %q)", t.Trust, TrustSingle)
+	if len(t.Meshes) > 0 {
+		if t.Mesh != (MeshSpec{}) {
+			add("mesh: give either mesh (one mesh) or meshes (a federation), not both")
+		}
+	} else {
+		if t.Mesh.ID == "" {
+			t.Mesh.ID = "mesh1"
+		}
+		if _, err := mesh.ParseMeshID(t.Mesh.ID); err != nil {
+			add("mesh.id: %v", err)
+		}
+		if t.Mesh.TrustDomain == "" {
+			t.Mesh.TrustDomain = "cluster.local"
+		}
+		if _, err := mesh.ParseTrustDomain(t.Mesh.TrustDomain); err != nil {
+			add("mesh.trustDomain: %v", err)
+		}
 	}
 
 	networks := map[string]NetworkSpec{}
@@ -202,14 +252,17 @@ func (t *Topology) Validate() error {
 			add("clusters[%d].serviceCIDR: %v", i, err)
 		}
 		switch c.ControlPlane.Role {
-		case RolePrimary:
+		case RolePrimary, RoleConfig:
 			if c.ControlPlane.Primary != "" {
 				add("clusters[%d].controlPlane.primary: only a remote cluster names a primary", i)
 			}
 		case RoleRemote:
-			add("clusters[%d].controlPlane.role: remote clusters are not supported by the runner yet", i)
+			add2 := checkRemote(t, c)
+			for _, m := range add2 {
+				add("clusters[%d].controlPlane: %s", i, m)
+			}
 		default:
-			add("clusters[%d].controlPlane.role: %q (want %q or %q)", i, c.ControlPlane.Role, RolePrimary, RoleRemote)
+			add("clusters[%d].controlPlane.role: %q (want %q, %q or %q)", i, c.ControlPlane.Role, RolePrimary, RoleRemote, RoleConfig)
 		}
 	}
 	if len(t.Clusters) == 0 {
@@ -267,6 +320,7 @@ func (t *Topology) Validate() error {
 		if !ok {
 			add("expect[%d].service: unknown service %q (want <name>.<namespace> of a workload)", i, e.Service)
 		}
+		target := cmp.Or(e.Mesh, from.Mesh)
 		for _, c := range e.Reach {
 			to, known := clusters[c]
 			switch {
@@ -274,11 +328,20 @@ func (t *Topology) Validate() error {
 				add("expect[%d].reach: unknown cluster %q", i, c)
 			case ok && w.Replicas[c] == 0:
 				add("expect[%d].reach: %q runs no replica of %s", i, c, e.Service)
+			case to.Mesh != target:
+				add("expect[%d].reach: %q is in mesh %q, not %q whose %s is called", i, c, to.Mesh, target, e.Service)
 			case from.Network != "" && to.Network != from.Network && !networks[to.Network].Gateway:
 				add("expect[%d].reach: %q is on network %q, which has no gateway, so %q cannot reach it", i, c, to.Network, e.From)
 			}
 		}
 	}
+
+	t.validateMeshes(add)
+	t.validateFaults(add)
+	t.validateLoad(add)
+	t.validatePhases(add, clusters, services)
+	t.validateTrust(add)
+	t.validateTraffic(add, clusters, services)
 
 	if len(p) > 0 {
 		return &ValidationError{Problems: p}

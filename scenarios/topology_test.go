@@ -7,7 +7,7 @@ import (
 
 func TestBuiltinsParseAndValidate(t *testing.T) {
 	names := Builtins()
-	for _, want := range []string{"single-cluster", "multi-primary", "multi-network"} {
+	for _, want := range []string{"single-cluster", "multi-primary", "multi-network", "multi-trust"} {
 		found := false
 		for _, n := range names {
 			found = found || n == want
@@ -64,8 +64,15 @@ func TestValidate(t *testing.T) {
 		{"overlapping pod CIDRs on one network", "network: n2, podCIDR: 10.2.0.0/16", "network: n1, podCIDR: 10.1.128.0/17",
 			[]string{`pod CIDRs 10.1.0.0/16 and 10.1.128.0/17 overlap on network "n1"`}},
 		{"bad pod CIDR", "podCIDR: 10.2.0.0/16", "podCIDR: 10.2.0.0/30", []string{`clusters[1].podCIDR: "10.2.0.0/30" is not an IPv4 prefix`}},
-		{"remote clusters wait for their issue", "network: n2, podCIDR: 10.2.0.0/16, controlPlane: {role: primary}", "network: n2, podCIDR: 10.2.0.0/16, controlPlane: {role: remote, primary: c1}",
-			[]string{"remote clusters are not supported by the runner yet"}},
+		{"remote without its primary", "network: n2, podCIDR: 10.2.0.0/16, controlPlane: {role: primary}", "network: n2, podCIDR: 10.2.0.0/16, controlPlane: {role: remote}",
+			[]string{"clusters[1].controlPlane: a remote cluster names its primary"}},
+		{"remote of a remote", "network: n2, podCIDR: 10.2.0.0/16, controlPlane: {role: primary}", "network: n2, podCIDR: 10.2.0.0/16, controlPlane: {role: remote, primary: c2}",
+			[]string{`clusters[1].controlPlane: primary "c2" is not a primary (or config) cluster`}},
+		{"remote of an unknown primary", "network: n2, podCIDR: 10.2.0.0/16, controlPlane: {role: primary}", "network: n2, podCIDR: 10.2.0.0/16, controlPlane: {role: remote, primary: c9}",
+			[]string{`clusters[1].controlPlane: primary "c9" is not a cluster of this topology`}},
+		{"remote behind no gateway", "networks: [{name: n1, gateway: true}, {name: n2}]\nclusters:\n  - {name: c1, network: n1, podCIDR: 10.1.0.0/16, controlPlane: {role: primary}}\n  - {name: c2, network: n2, podCIDR: 10.2.0.0/16, controlPlane: {role: primary}}",
+			"networks: [{name: n1}, {name: n2, gateway: true}]\nclusters:\n  - {name: c1, network: n1, podCIDR: 10.1.0.0/16, controlPlane: {role: primary}}\n  - {name: c2, network: n2, podCIDR: 10.2.0.0/16, controlPlane: {role: remote, primary: c1}}",
+			[]string{"through network n1's gateway, and that network has none"}},
 		{"unknown role", "network: n2, podCIDR: 10.2.0.0/16, controlPlane: {role: primary}", "network: n2, podCIDR: 10.2.0.0/16, controlPlane: {role: boss}",
 			[]string{`clusters[1].controlPlane.role: "boss"`}},
 		{"replica in unknown cluster", "replicas: {c1: 1, c2: 1}", "replicas: {c1: 1, c9: 1}", []string{`workloads[0].replicas: unknown cluster "c9"`}},
@@ -74,7 +81,8 @@ func TestValidate(t *testing.T) {
 			[]string{`"c2" is on network "n2", which has no gateway, so "c1" cannot reach it`}},
 		{"unknown service", "service: echo.demo, reach", "service: echo.other, reach", []string{`expect[0].service: unknown service "echo.other"`}},
 		{"bad name", "name: t\n", "name: T_T\n", []string{`name: "T_T" is not a DNS label`}},
-		{"trust model", "name: t\n", "name: t\ntrust: multi\n", []string{`trust: "multi" is not a supported trust model`}},
+		{"trust model", "name: t\n", "name: t\ntrust: merged\n", []string{`trust: "merged" is not a supported trust model`}},
+		{"federation needs multi", "name: t\n", "name: t\nfederation: [{from: c1, to: c1}]\n", []string{"federation: relationships need trust: multi", "share trust domain"}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -144,7 +152,7 @@ func TestVerdict(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			got := verdict(tc.expected, tc.got, tc.servers, tc.callers, srv, cli)
+			got := verdict(tc.expected, tc.got, tc.servers, tc.callers, []string{srv}, cli)
 			if len(got) != len(tc.want) {
 				t.Fatalf("reasons %q, want %q", got, tc.want)
 			}

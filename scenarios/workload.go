@@ -9,23 +9,30 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"net/netip"
-	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	xdscreds "google.golang.org/grpc/credentials/xds"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
-	_ "google.golang.org/grpc/xds" // registers the xds:/// resolver and balancers
+	"google.golang.org/grpc/status"
+	"google.golang.org/grpc/xds" // also registers the xds:/// resolver and balancers
 	pb "istio.io/api/security/v1alpha1"
 	authnv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -33,6 +40,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 
+	"github.com/isthmus-mesh/isthmus/internal/httpserve"
 	"github.com/isthmus-mesh/isthmus/internal/kubelocal"
 	"github.com/isthmus-mesh/isthmus/internal/netlab"
 	"github.com/isthmus-mesh/isthmus/mesh"
@@ -64,6 +72,16 @@ type WorkloadConfig struct {
 	AdminAddress string
 	// CertTTL is the certificate validity to ask for; default 1 h.
 	CertTTL time.Duration
+	// XDSServer serves the echo service through grpc-go's xds.NewGRPCServer instead of a
+	// plain TLS server: the server asks the primary for its inbound Listener (the
+	// bootstrap's server_listener_resource_name_template), takes mTLS from its
+	// certificate provider and enforces AuthorizationPolicy and PeerAuthentication as
+	// RBAC. The pod is labelled primary.LabelXDSServer so the primary serves that
+	// Listener, and the workload is ready only once the server is serving.
+	XDSServer bool
+	// Labels are added to the Pod's (e.g. version: v1, which DestinationRule subsets
+	// select on); app and the TLS mode are always set.
+	Labels map[string]string
 	// Log receives the workload's events; nil discards.
 	Log *slog.Logger
 }
@@ -89,6 +107,10 @@ type ProbeResult struct {
 	Errors []string `json:"errors,omitempty"`
 	// Failed counts failed calls.
 	Failed int `json:"failed"`
+	// Codes counts failed calls by gRPC status code name (e.g. "Unavailable").
+	Codes map[string]int `json:"codes,omitempty"`
+	// SlowestMS is the longest call, answered or failed, in milliseconds.
+	SlowestMS int64 `json:"slowestMs"`
 }
 
 // RunWorkload runs a workload until ctx ends: it obtains a certificate for its identity
@@ -110,10 +132,13 @@ func RunWorkload(ctx context.Context, cfg WorkloadConfig) error {
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
-	w := &workload{cfg: cfg, channels: map[string]*grpc.ClientConn{}}
+	w := &workload{cfg: cfg, channels: map[string]*grpc.ClientConn{}, trust: newWorkloadTrust(cfg.Dir)}
 	defer w.closeChannels()
+	w.gens = newGenerators(w)
+	defer w.gens.stop("")
 
-	agent, err := trust.NewAgent(trust.AgentConfig{CA: cfg.CA, Token: w.token, Cluster: cfg.Cluster, Dir: cfg.Dir, TTL: cfg.CertTTL, Log: cfg.Log})
+	agent, err := trust.NewAgent(trust.AgentConfig{CA: cfg.CA, Token: w.token, Cluster: cfg.Cluster, Dir: cfg.Dir, TTL: cfg.CertTTL, Log: cfg.Log,
+		OnIssue: w.trust.onIssue(cfg.Log.Warn)})
 	if err != nil {
 		return err
 	}
@@ -122,22 +147,10 @@ func RunWorkload(ctx context.Context, cfg WorkloadConfig) error {
 	if err != nil {
 		return fmt.Errorf("scenarios: workload: admin listener: %w", err)
 	}
-	hs := &http.Server{Handler: w.handler(), ReadHeaderTimeout: 5 * time.Second}
-
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return agent.Run(gctx) })
-	g.Go(func() error {
-		if err := hs.Serve(admin); !errors.Is(err, http.ErrServerClosed) {
-			return err
-		}
-		return nil
-	})
-	g.Go(func() error {
-		<-gctx.Done()
-		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
-		return hs.Shutdown(sctx)
-	})
+	g.Go(func() error { return w.watchBundles(gctx) })
+	g.Go(func() error { return httpserve.Serve(gctx, admin, w.handler(), 2*time.Second) })
 	g.Go(func() error { return w.serve(gctx) })
 	err = g.Wait()
 	if errors.Is(err, context.Canceled) || errors.Is(err, grpc.ErrServerStopped) {
@@ -149,6 +162,7 @@ func RunWorkload(ctx context.Context, cfg WorkloadConfig) error {
 type workload struct {
 	cfg   WorkloadConfig
 	agent *trust.Agent
+	trust *workloadTrust
 
 	mu sync.Mutex
 	// tok and tokExp cache the service-account token; guarded by mu.
@@ -161,6 +175,11 @@ type workload struct {
 	ready bool
 	// channels are the probes' xDS channels by target; guarded by mu.
 	channels map[string]*grpc.ClientConn
+	// gens are the load generators (loadgen.go).
+	gens *generators
+	// failing makes the echo server fail every call with Unavailable (/fail), standing
+	// for a broken pod in traffic checks.
+	failing atomic.Bool
 }
 
 // token returns a token for the workload's service account with the CA's audience,
@@ -203,25 +222,40 @@ func (w *workload) keyPair() (*tls.Certificate, error) {
 	return w.cert, nil
 }
 
+// serverTLS returns the TLS configuration of one handshake: the current certificate and
+// the current bundles for the client's certificate.
+func (w *workload) serverTLS(*tls.ClientHelloInfo) (*tls.Config, error) {
+	cert, err := w.keyPair()
+	if err != nil {
+		return nil, err
+	}
+	// Callers are verified against their own trust domain's bundle (never a merged pool):
+	// the CA's anchors, renewed with every certificate (a root rotation), and the peer
+	// domains' bundles, which follow the bundle store without a restart.
+	verify := func(raw [][]byte, chains [][]*x509.Certificate) error {
+		err := w.trust.verifyCaller(raw, chains)
+		if err != nil { // the caller only sees "bad certificate"; the reason is here
+			w.cfg.Log.Warn("caller refused", "err", err)
+		}
+		return err
+	}
+	return &tls.Config{MinVersion: tls.VersionTLS12, ClientAuth: tls.RequireAnyClientCert, VerifyPeerCertificate: verify,
+		Certificates: []tls.Certificate{*cert}}, nil
+}
+
 // serve waits for the first certificate, serves the echo service, creates the Pod and
 // deletes it again when ctx ends.
 func (w *workload) serve(ctx context.Context) error {
-	for w.agent.Current() == nil {
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-time.After(50 * time.Millisecond):
-		}
+	if !w.waitTrust(ctx) {
+		return nil
 	}
-	rootPEM, err := os.ReadFile(filepath.Join(w.cfg.Dir, trust.AgentRootFile))
-	if err != nil {
+	if _, err := w.keyPair(); err != nil {
 		return err
 	}
-	roots := x509.NewCertPool()
-	if !roots.AppendCertsFromPEM(rootPEM) {
-		return errors.New("scenarios: workload: the CA's root is not PEM")
-	}
-	var l net.Listener
+	var (
+		l   net.Listener
+		err error
+	)
 	if w.cfg.Netns != nil {
 		l, err = w.cfg.Netns.Listen(w.cfg.Listen.String())
 	} else {
@@ -230,20 +264,36 @@ func (w *workload) serve(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("scenarios: workload: listen on the pod address %s: %w", w.cfg.Listen, err)
 	}
-	tc := &tls.Config{
-		MinVersion:     tls.VersionTLS12,
-		ClientAuth:     tls.RequireAndVerifyClientCert,
-		ClientCAs:      roots,
-		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return w.keyPair() },
+	var (
+		s       grpcServer
+		serving chan struct{} // closed once an xDS server is serving (nil otherwise)
+	)
+	if w.cfg.XDSServer {
+		if s, serving, err = w.newXDSServer(); err != nil {
+			return err
+		}
+	} else {
+		tc := &tls.Config{MinVersion: tls.VersionTLS12, ClientAuth: tls.RequireAndVerifyClientCert, GetConfigForClient: w.serverTLS}
+		s = grpc.NewServer(grpc.Creds(credentials.NewTLS(tc)), serverKeepalive)
 	}
-	s := grpc.NewServer(grpc.Creds(credentials.NewTLS(tc)))
-	testgrpc.RegisterTestServiceServer(s, &echoServer{cluster: string(w.cfg.Cluster), pod: w.cfg.Pod})
+	testgrpc.RegisterTestServiceServer(s, &echoServer{cluster: string(w.cfg.Cluster), pod: w.cfg.Pod, failing: &w.failing})
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- s.Serve(l) }()
 	defer s.Stop()
 
 	if err := w.createPod(ctx); err != nil {
 		return err
+	}
+	if serving != nil {
+		// The primary serves the inbound Listener once it has seen the Pod's endpoint;
+		// until then the server refuses connections.
+		select {
+		case <-ctx.Done():
+			return nil
+		case err := <-serveErr:
+			return fmt.Errorf("scenarios: workload: serve: %w", err)
+		case <-serving:
+		}
 	}
 	w.mu.Lock()
 	w.ready = true
@@ -261,7 +311,7 @@ func (w *workload) serve(ctx context.Context) error {
 func (w *workload) createPod(ctx context.Context) error {
 	pod := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: w.cfg.Pod, Namespace: w.cfg.Namespace,
-			Labels:      map[string]string{"app": w.cfg.App, primary.LabelTLSMode: primary.TLSModeIstio},
+			Labels:      w.podLabels(),
 			Annotations: map[string]string{kubelocal.PodIPAnnotation: w.cfg.Listen.Addr().String()}},
 		Spec: corev1.PodSpec{ServiceAccountName: w.cfg.ServiceAccount, Containers: []corev1.Container{{
 			Name: "workload", Image: "isthmus-workload",
@@ -300,6 +350,7 @@ func (w *workload) deletePod() {
 
 func (w *workload) handler() http.Handler {
 	mux := http.NewServeMux()
+	w.gens.routes(mux)
 	mux.HandleFunc("/readyz", func(rw http.ResponseWriter, _ *http.Request) {
 		w.mu.Lock()
 		ready := w.ready
@@ -309,6 +360,15 @@ func (w *workload) handler() http.Handler {
 			return
 		}
 		fmt.Fprintln(rw, "ok")
+	})
+	mux.HandleFunc("/fail", func(rw http.ResponseWriter, r *http.Request) {
+		on, err := strconv.ParseBool(r.URL.Query().Get("on"))
+		if err != nil {
+			http.Error(rw, "on: want true or false", http.StatusBadRequest)
+			return
+		}
+		w.failing.Store(on)
+		fmt.Fprintf(rw, "failing=%v\n", on)
 	})
 	mux.HandleFunc("/probe", func(rw http.ResponseWriter, r *http.Request) {
 		target := r.URL.Query().Get("target")
@@ -321,7 +381,24 @@ func (w *workload) handler() http.Handler {
 			http.Error(rw, "target: want <hostname>:<port>", http.StatusBadRequest)
 			return
 		}
-		res, err := w.probe(r.Context(), target, calls)
+		var until probeUntil
+		if c := r.URL.Query().Get("until"); c != "" {
+			if until.within, err = time.ParseDuration(r.URL.Query().Get("within")); err != nil || until.within <= 0 || until.within > time.Minute {
+				http.Error(rw, "within: want a duration up to 1m with until", http.StatusBadRequest)
+				return
+			}
+			until.cluster = c
+		}
+		var md []string
+		for _, h := range r.URL.Query()["header"] {
+			k, v, ok := strings.Cut(h, ":")
+			if !ok || k == "" {
+				http.Error(rw, "header: want name:value", http.StatusBadRequest)
+				return
+			}
+			md = append(md, strings.ToLower(k), v)
+		}
+		res, err := w.probe(metadata.AppendToOutgoingContext(r.Context(), md...), target, calls, r.URL.Query().Get("fresh") == "1", until)
 		if err != nil {
 			http.Error(rw, err.Error(), http.StatusInternalServerError)
 			return
@@ -340,11 +417,34 @@ func (w *workload) channel(target string) (*grpc.ClientConn, error) {
 	if cc, ok := w.channels[target]; ok {
 		return cc, nil
 	}
+	cc, err := w.newChannel(target)
+	if err != nil {
+		return nil, err
+	}
+	w.channels[target] = cc
+	return cc, nil
+}
+
+// clientKeepalive is the workloads' gRPC keepalive: a connection silent for 10 s (the
+// shortest interval grpc-go lets a client ping at) is pinged and closed when no answer
+// comes within 2 s. A partition leaves connections open but dead (nothing resets them);
+// without keepalive the balancer kept sending calls down them, each failing only at its
+// deadline, for as long as the partition lasted. With it a dead connection is closed
+// about 12 s into the silence and calls go to the endpoints still reachable.
+var clientKeepalive = keepalive.ClientParameters{Time: 10 * time.Second, Timeout: 2 * time.Second, PermitWithoutStream: true}
+
+// serverKeepalive lets clients ping every clientKeepalive.Time / 2 when a connection is
+// silent; the default policy (one ping per 5 minutes) would answer them with GOAWAY
+// too_many_pings.
+var serverKeepalive = grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: clientKeepalive.Time / 2, PermitWithoutStream: true})
+
+// newChannel makes a channel to target; its connections are new handshakes.
+func (w *workload) newChannel(target string) (*grpc.ClientConn, error) {
 	creds, err := xdscreds.NewClientCredentials(xdscreds.ClientOptions{FallbackCreds: insecure.NewCredentials()})
 	if err != nil {
 		return nil, err
 	}
-	opts := []grpc.DialOption{grpc.WithTransportCredentials(creds)}
+	opts := []grpc.DialOption{grpc.WithTransportCredentials(creds), grpc.WithKeepaliveParams(clientKeepalive)}
 	if w.cfg.Netns != nil {
 		opts = append(opts, grpc.WithContextDialer(w.cfg.Netns.Dial))
 	}
@@ -352,7 +452,6 @@ func (w *workload) channel(target string) (*grpc.ClientConn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("scenarios: workload: channel to %s: %w", target, err)
 	}
-	w.channels[target] = cc
 	return cc, nil
 }
 
@@ -364,22 +463,56 @@ func (w *workload) closeChannels() {
 	}
 }
 
-// probe makes calls to target and reports every answer.
-func (w *workload) probe(ctx context.Context, target string, calls int) (*ProbeResult, error) {
+// probeUntil, when cluster is set, makes a probe call until that cluster answers (then
+// stops) or within has passed, with up to the probe's calls: a fresh channel's first calls
+// all go to whichever endpoint connected first, so a fixed number of calls says nothing
+// about an endpoint whose handshake is merely slower (through a gateway, on a loaded
+// machine); a cluster that does not answer within a bound does not answer.
+type probeUntil struct {
+	cluster string
+	within  time.Duration
+}
+
+// probe makes calls to target and reports every answer. fresh makes them on a channel of
+// their own, so every endpoint is reached with a new handshake (what a change of trust
+// shows on first).
+func (w *workload) probe(ctx context.Context, target string, calls int, fresh bool, until probeUntil) (*ProbeResult, error) {
 	cc, err := w.channel(target)
+	if fresh {
+		if cc, err = w.newChannel(target); err == nil {
+			defer cc.Close()
+		}
+	}
 	if err != nil {
 		return nil, err
 	}
 	client := testgrpc.NewTestServiceClient(cc)
 	res := &ProbeResult{Target: target}
 	seen := map[string]bool{}
-	for range calls {
+	deadline := time.Now().Add(until.within)
+	for i := range calls {
+		if until.cluster != "" && i > 0 {
+			if time.Now().After(deadline) {
+				break
+			}
+			select { // polled: a call to a connected endpoint takes a millisecond
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			case <-time.After(10 * time.Millisecond):
+			}
+		}
 		var p peer.Peer
 		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		start := time.Now()
 		r, err := client.UnaryCall(cctx, &testgrpc.SimpleRequest{}, grpc.Peer(&p))
+		res.SlowestMS = max(res.SlowestMS, time.Since(start).Milliseconds())
 		cancel()
 		if err != nil {
 			res.Failed++
+			if res.Codes == nil {
+				res.Codes = map[string]int{}
+			}
+			res.Codes[status.Code(err).String()]++
 			if msg := err.Error(); !seen[msg] {
 				seen[msg] = true
 				res.Errors = append(res.Errors, msg)
@@ -392,6 +525,9 @@ func (w *workload) probe(ctx context.Context, target string, calls int) (*ProbeR
 		}
 		a.ServerIdentity = peerIdentity(p.AuthInfo)
 		res.Answers = append(res.Answers, a)
+		if until.cluster != "" && a.Cluster == until.cluster {
+			break
+		}
 	}
 	return res, nil
 }
@@ -405,13 +541,30 @@ func peerIdentity(ai credentials.AuthInfo) string {
 	return ti.State.PeerCertificates[0].URIs[0].String()
 }
 
-// echoServer answers UnaryCall with who answered and whom it saw.
+// echoServer answers UnaryCall with who answered and whom it saw, after the call's
+// "sleep-ms" metadata (bounded by its deadline); while failing is set it fails every call
+// with Unavailable.
 type echoServer struct {
 	testgrpc.UnimplementedTestServiceServer
 	cluster, pod string
+	failing      *atomic.Bool
 }
 
 func (e *echoServer) UnaryCall(ctx context.Context, _ *testgrpc.SimpleRequest) (*testgrpc.SimpleResponse, error) {
+	if e.failing != nil && e.failing.Load() {
+		return nil, status.Error(codes.Unavailable, "scenarios: this pod is failing (/fail)")
+	}
+	if md, _ := metadata.FromIncomingContext(ctx); len(md.Get("sleep-ms")) > 0 {
+		ms, err := strconv.Atoi(md.Get("sleep-ms")[0])
+		if err != nil || ms < 0 || ms > 60000 {
+			return nil, status.Error(codes.InvalidArgument, "sleep-ms: want 0..60000")
+		}
+		select {
+		case <-time.After(time.Duration(ms) * time.Millisecond):
+		case <-ctx.Done():
+			return nil, status.FromContextError(ctx.Err()).Err()
+		}
+	}
 	caller := ""
 	if p, ok := peer.FromContext(ctx); ok {
 		caller = peerIdentity(p.AuthInfo)
@@ -419,27 +572,107 @@ func (e *echoServer) UnaryCall(ctx context.Context, _ *testgrpc.SimpleRequest) (
 	return &testgrpc.SimpleResponse{ServerId: e.cluster, Hostname: e.pod, Username: caller}, nil
 }
 
+// FileRefresh is how often grpc-go's file_watcher re-reads a workload's certificate files
+// and bundle map for certificates of the given validity: 5 s, or a tenth of the validity
+// when that is shorter. The agent renews at half of a certificate's life, so the new one
+// must be picked up well within the other half: with 10 s certificates and a 5 s refresh,
+// a client could present its old certificate up to the moment it expires (and past it, by
+// the renewal's own latency), and servers refuse it (tls: bad certificate).
+func FileRefresh(certTTL time.Duration) time.Duration {
+	const dflt = 5 * time.Second
+	if certTTL <= 0 || certTTL/10 >= dflt {
+		return dflt
+	}
+	return max(certTTL/10, 100*time.Millisecond)
+}
+
 // XDSBootstrap returns a grpc-go xDS bootstrap for a workload: the xDS server, the node
 // (cluster and network in its metadata, as the primary reads them) and the file_watcher
-// certificate provider over dir (the Agent's files).
-func XDSBootstrap(xdsAddress string, cluster mesh.ClusterID, network mesh.NetworkID, namespace, pod, ip, dir string) ([]byte, error) {
+// certificate provider over dir (the Agent's files), re-read every FileRefresh(certTTL).
+// The node's locality is the pod's (its node's region and zone), which locality
+// failover prefers.
+func XDSBootstrap(xdsAddress string, cluster mesh.ClusterID, network mesh.NetworkID, locality mesh.Locality, namespace, pod, ip, dir string, certTTL time.Duration) ([]byte, error) {
+	refresh := fmt.Sprintf("%gs", FileRefresh(certTTL).Seconds()) // JSON of a protobuf Duration
 	b := map[string]any{
 		"xds_servers": []any{map[string]any{
-			"server_uri": xdsAddress, "channel_creds": []any{map[string]any{"type": "insecure"}}, "server_features": []string{"xds_v3"},
+			// The primary's secure port: TLS verified against the mesh root, and the
+			// workload's own mesh certificate as its credential (gRFC A65), re-read
+			// from the files the agent renews.
+			"server_uri": xdsAddress, "server_features": []string{"xds_v3"},
+			"channel_creds": []any{map[string]any{"type": "tls", "config": map[string]any{
+				"certificate_file":    filepath.Join(dir, trust.AgentCertFile),
+				"private_key_file":    filepath.Join(dir, trust.AgentKeyFile),
+				"ca_certificate_file": filepath.Join(dir, trust.AgentRootFile),
+				"refresh_interval":    refresh,
+			}}},
 		}},
+		// What an xDS-enabled server asks for (gRFC A36); unused by clients.
+		"server_listener_resource_name_template": primary.InboundListenerTemplate,
 		"node": map[string]any{
 			"id":       fmt.Sprintf("sidecar~%s~%s.%s~%s.svc.cluster.local", ip, pod, namespace, namespace),
 			"metadata": map[string]any{"GENERATOR": "grpc", "CLUSTER_ID": string(cluster), "NETWORK": string(network)},
 		},
-		"certificate_providers": map[string]any{primary.CertProviderInstance: map[string]any{
+		"certificate_providers": map[string]any{mesh.CertProviderInstance: map[string]any{
 			"plugin_name": "file_watcher",
 			"config": map[string]any{
 				"certificate_file":    filepath.Join(dir, trust.AgentCertFile),
 				"private_key_file":    filepath.Join(dir, trust.AgentKeyFile),
 				"ca_certificate_file": filepath.Join(dir, trust.AgentRootFile),
-				"refresh_interval":    "5s",
+				// Preferred by grpc-go over ca_certificate_file when
+				// GRPC_EXPERIMENTAL_XDS_MTLS_SPIFFE=true: one bundle per trust domain.
+				"spiffe_trust_bundle_map_file": trust.BundleMapPath(dir),
+				"refresh_interval":             refresh,
 			},
 		}},
 	}
+	if locality != (mesh.Locality{}) {
+		b["node"].(map[string]any)["locality"] = map[string]any{"region": locality.Region, "zone": locality.Zone, "sub_zone": locality.Subzone}
+	}
 	return json.Marshal(b)
+}
+
+// grpcServer is what serve needs of grpc.Server and xds.GRPCServer alike.
+type grpcServer interface {
+	grpc.ServiceRegistrar
+	Serve(net.Listener) error
+	Stop()
+}
+
+// newXDSServer returns an xDS-enabled server whose transport security comes from its
+// inbound Listener (plaintext only where the Listener asks for none), and a channel closed
+// the first time it reports SERVING. Mode changes are logged: NOT_SERVING says the
+// primary has no Listener for the address (or sent one grpc-go refused).
+func (w *workload) newXDSServer() (*xds.GRPCServer, chan struct{}, error) {
+	creds, err := xdscreds.NewServerCredentials(xdscreds.ServerOptions{FallbackCreds: insecure.NewCredentials()})
+	if err != nil {
+		return nil, nil, fmt.Errorf("scenarios: workload: xDS server credentials: %w", err)
+	}
+	serving := make(chan struct{})
+	var once sync.Once
+	mode := xds.ServingModeCallback(func(addr net.Addr, args xds.ServingModeChangeArgs) {
+		w.cfg.Log.Info("xDS server mode", "address", addr.String(), "mode", args.Mode, "err", args.Err)
+		if args.Mode == connectivity.ServingModeServing {
+			once.Do(func() { close(serving) })
+		}
+	})
+	s, err := xds.NewGRPCServer(grpc.Creds(creds), mode, serverKeepalive)
+	if err != nil {
+		return nil, nil, fmt.Errorf("scenarios: workload: xDS server: %w", err)
+	}
+	return s, serving, nil
+}
+
+// podLabels are the Pod's labels: the extra Labels, then its app, Istio's tlsMode (it
+// terminates mTLS) and, for an xDS-enabled server, primary.LabelXDSServer, which no extra
+// label overrides.
+func (w *workload) podLabels() map[string]string {
+	l := maps.Clone(w.cfg.Labels)
+	if l == nil {
+		l = map[string]string{}
+	}
+	l["app"], l[primary.LabelTLSMode] = w.cfg.App, primary.TLSModeIstio
+	if w.cfg.XDSServer {
+		l[primary.LabelXDSServer] = "true"
+	}
+	return l
 }

@@ -2,8 +2,6 @@ package trust
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
 	"encoding/pem"
@@ -97,7 +95,13 @@ func (a *Agent) Current() *x509.Certificate {
 	return a.current
 }
 
-// Run keeps the certificate current until ctx ends.
+// Run keeps the certificate current until ctx ends, then returns nil. It never gives up:
+// a failed request is retried after a backoff that starts at a second and doubles up to a
+// minute, and a success resets it. While the current certificate is valid a retry is never
+// later than its expiry; once it has expired (or before the first one) retries are at
+// most noCertRetry apart, because the workload cannot serve meanwhile — but never closer
+// than a second, so an expired certificate cannot turn the loop into a flood of requests
+// against a CA that is down (retryDelay).
 func (a *Agent) Run(ctx context.Context) error {
 	backoff := time.Second
 	for {
@@ -106,12 +110,10 @@ func (a *Agent) Run(ctx context.Context) error {
 			if ctx.Err() != nil {
 				return nil
 			}
-			a.cfg.Log.Warn("certificate request failed; keeping the current one", "err", err, "retry_in", backoff)
-			next = time.Now().Add(backoff)
+			wait := retryDelay(time.Now(), backoff, a.Current())
+			a.cfg.Log.Warn("certificate request failed; keeping the current one", "err", err, "retry_in", wait)
+			next = time.Now().Add(wait)
 			backoff = min(backoff*2, time.Minute)
-			if cur := a.Current(); cur != nil && next.After(cur.NotAfter) {
-				next = cur.NotAfter
-			}
 		} else {
 			backoff = time.Second
 		}
@@ -123,6 +125,24 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 }
 
+// noCertRetry bounds the wait between requests while the workload has no valid
+// certificate.
+const noCertRetry = 5 * time.Second
+
+// retryDelay is how long the agent waits after a failed request at now, with backoff the
+// current step and cur the certificate on disk (nil before the first). A valid
+// certificate caps the wait at its expiry, so one more try is made about when it ends
+// (a short-lived leaf whose renewal failed must not be left to expire for a whole
+// backoff step). Without a valid one the wait is at most noCertRetry and at least a
+// second: capping at an expiry already past once made it zero, and the agent retried as
+// fast as the CA could refuse, thousands of times a second.
+func retryDelay(now time.Time, backoff time.Duration, cur *x509.Certificate) time.Duration {
+	if cur != nil && now.Before(cur.NotAfter) {
+		return min(backoff, cur.NotAfter.Sub(now))
+	}
+	return max(min(backoff, noCertRetry), time.Second)
+}
+
 // renew requests a certificate, writes it, and returns when the next renewal is due (half
 // of its remaining life).
 func (a *Agent) renew(ctx context.Context) (time.Time, error) {
@@ -130,7 +150,9 @@ func (a *Agent) renew(ctx context.Context) (time.Time, error) {
 	if err != nil {
 		return time.Time{}, fmt.Errorf("trust: agent: read token: %w", err)
 	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	// A fresh key for every renewal, so a key never outlives the certificate it was made
+	// for; it never leaves this process except into Dir.
+	key, err := newKey()
 	if err != nil {
 		return time.Time{}, err
 	}
@@ -153,7 +175,7 @@ func (a *Agent) renew(ctx context.Context) (time.Time, error) {
 	rctx, cancel := context.WithTimeout(metadata.NewOutgoingContext(ctx, md), 30*time.Second)
 	defer cancel()
 	resp, err := a.cfg.CA.CreateCertificate(rctx, &pb.IstioCertificateRequest{
-		Csr:              string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der})),
+		Csr:              string(csrPEM(der)),
 		ValidityDuration: int64(a.cfg.TTL / time.Second),
 	})
 	if err != nil {
@@ -171,13 +193,13 @@ func (a *Agent) renew(ctx context.Context) (time.Time, error) {
 	if err != nil {
 		return time.Time{}, fmt.Errorf("trust: agent: leaf: %w", err)
 	}
-	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+	kp, err := keyPEM(key)
 	if err != nil {
 		return time.Time{}, err
 	}
 	files := map[string][]byte{
 		AgentCertFile: []byte(strings.Join(chain[:len(chain)-1], "")),
-		AgentKeyFile:  pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}),
+		AgentKeyFile:  kp,
 		AgentRootFile: []byte(chain[len(chain)-1]),
 	}
 	// Key before certificate: a reader that sees the new certificate finds its key.

@@ -22,12 +22,16 @@ import (
 // domain and never merged: the roots of one domain vouch only for identities of that
 // domain. It is safe for concurrent use and satisfies go-spiffe's x509bundle.Source.
 type BundleSet struct {
+	// mu guards bundles and aliases together, so that the invariant "no domain is both a
+	// bundle and an alias" holds at every read. The bundles themselves are go-spiffe's,
+	// safe for concurrent use, and are read outside the lock.
 	mu sync.RWMutex
-	// bundles is guarded by mu.
+	// bundles holds one bundle per trust domain, never merged.
 	bundles map[mesh.TrustDomain]*spiffebundle.Bundle
 	// aliases maps a trust domain to the domain whose bundle verifies its identities
-	// (a domain being renamed: the old name stays valid under the new domain's roots);
-	// guarded by mu.
+	// (a domain being renamed: the old name stays valid under the new domain's roots).
+	// A target is not required to have a bundle at every moment: an alias whose target
+	// was removed verifies nothing.
 	aliases map[mesh.TrustDomain]mesh.TrustDomain
 }
 
@@ -164,7 +168,10 @@ var ErrNoBundle = errors.New("trust: no bundle for the peer's trust domain")
 
 // VerifyPeer verifies a TLS peer's certificate chain (as crypto/tls hands it to
 // VerifyPeerCertificate) against the bundle of the leaf's own trust domain only, and
-// returns the peer's identity.
+// returns the peer's identity. The leaf must carry exactly one URI SAN, a SPIFFE ID; the
+// domain is read from it before any verification, so a root of one domain is never even
+// tried for another's identity. Any extended key usage is accepted: the same leaves are
+// both clients and servers.
 func (s *BundleSet) VerifyPeer(rawCerts [][]byte) (mesh.Identity, error) {
 	if len(rawCerts) == 0 {
 		return mesh.Identity{}, errors.New("trust: peer sent no certificate")
@@ -231,11 +238,18 @@ func BundleHandler(set *BundleSet, td mesh.TrustDomain) http.Handler {
 // FetchOptions says how to authenticate a peer's bundle endpoint: exactly one of WebRoots
 // (https_web) or EndpointID with Bundles (https_spiffe).
 type FetchOptions struct {
-	WebRoots   *x509.CertPool
+	// WebRoots are the CAs of the endpoint's Web PKI certificate (https_web). Nil is not
+	// "the system's roots": pass x509.SystemCertPool() for that (ReadBundle does when
+	// it is given no endpoint CA).
+	WebRoots *x509.CertPool
+	// EndpointID is the SPIFFE ID the endpoint's SVID must carry (https_spiffe).
 	EndpointID mesh.Identity
-	Bundles    *BundleSet
+	// Bundles verify that SVID: they must already hold the peer domain's bundle, from an
+	// earlier fetch or out of band (the profile's bootstrap).
+	Bundles *BundleSet
 }
 
+// federation maps o to go-spiffe's fetch options, refusing a mix of the two profiles.
 func (o FetchOptions) federation() ([]federation.FetchOption, error) {
 	switch {
 	case o.WebRoots != nil && o.EndpointID.IsZero():
@@ -282,11 +296,14 @@ func WatchBundle(ctx context.Context, set *BundleSet, td mesh.TrustDomain, url s
 	return federation.WatchBundle(ctx, std, url, bundleWatcher{set: set, onError: onError}, opts...)
 }
 
+// bundleWatcher is go-spiffe's federation.BundleWatcher over a BundleSet.
 type bundleWatcher struct {
 	set     *BundleSet
 	onError func(error)
 }
 
+// NextRefresh follows the bundle's refresh hint; a bundle without one is fetched again
+// every five minutes.
 func (w bundleWatcher) NextRefresh(hint time.Duration) time.Duration {
 	if hint <= 0 {
 		return 5 * time.Minute
@@ -294,8 +311,11 @@ func (w bundleWatcher) NextRefresh(hint time.Duration) time.Duration {
 	return hint
 }
 
+// OnUpdate stores a fetched bundle. Set fails only when the domain has meanwhile become an
+// alias here; the alias wins and the fetched bundle is dropped.
 func (w bundleWatcher) OnUpdate(b *spiffebundle.Bundle) { _ = w.set.Set(b) }
 
+// OnError reports a failed fetch; the last good bundle stays in the set.
 func (w bundleWatcher) OnError(err error) {
 	if w.onError != nil {
 		w.onError(err)

@@ -25,7 +25,7 @@ import (
 func svid(t *testing.T, ca *Authority, id string) tls.Certificate {
 	t.Helper()
 	csr, key, _ := newCSR(t, id)
-	chain, err := ca.Sign(csr, mustIdentity(t, id), time.Hour)
+	chain, err := ca.Sign(context.Background(), csr, mustIdentity(t, id), time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}

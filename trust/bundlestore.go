@@ -24,8 +24,9 @@ import (
 
 // BundleConfigMap is the ConfigMap (in the control-plane namespace) that holds a cluster's
 // trust bundles: one key "<trust-domain>.bundle" per domain with its SPIFFE bundle (JWKS),
-// and "aliases" with a JSON object alias → target domain. Workloads' agents watch it, as
-// Istio's watch istio-ca-root-cert.
+// and "aliases" with a JSON object alias → target domain. WatchBundleStore keeps a
+// BundleSet in step with it (as Istio's agents watch istio-ca-root-cert), but no running
+// Isthmus process watches it yet: only `isthmus trust bundle` reads and writes it.
 const BundleConfigMap = "isthmus-trust-bundles"
 
 const (
@@ -59,7 +60,10 @@ func (s BundleStore) Load(ctx context.Context) (*BundleSet, error) {
 }
 
 // ParseBundleData builds a BundleSet from the ConfigMap's data, refusing anything
-// malformed with the key it is in.
+// malformed with the key it is in: an unknown key, a bad domain name, a bundle without
+// X.509 roots, an alias whose target has no bundle. Keys are read in sorted order, so the
+// error reported for a store with several faults is always the same one; aliases are
+// applied after every bundle, so their targets exist when they are checked.
 func ParseBundleData(data map[string]string) (*BundleSet, error) {
 	set := NewBundleSet()
 	for _, key := range slices.Sorted(maps.Keys(data)) {
@@ -135,19 +139,15 @@ func BundleData(set *BundleSet) (map[string]string, error) {
 // Update applies change to the stored set and writes the result, re-reading and retrying
 // when another writer got there first. change returns an error to refuse; the result is
 // parsed back in full before it is written.
+//
+// change may run more than once (once per attempt, at most five), each time on a fresh
+// set read from the API server, so it must do nothing but change the set it is given.
+// The write carries the resourceVersion it was read at: a concurrent writer makes it
+// conflict and retry, never overwrite. The set returned is what was written.
 func (s BundleStore) Update(ctx context.Context, change func(*BundleSet) error) (*BundleSet, error) {
-	cms := s.Client.CoreV1().ConfigMaps(s.Namespace)
-	for range 5 {
-		cm, err := cms.Get(ctx, BundleConfigMap, metav1.GetOptions{})
-		exists := err == nil
-		if err != nil && !apierrors.IsNotFound(err) {
-			return nil, fmt.Errorf("trust: bundle store %s/%s: %w", s.Namespace, BundleConfigMap, err)
-		}
-		if !exists {
-			cm = &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: BundleConfigMap, Namespace: s.Namespace,
-				Labels: map[string]string{"app.kubernetes.io/managed-by": "isthmus"}}}
-		}
-		set, err := ParseBundleData(cm.Data)
+	var written *BundleSet
+	err := updateConfigMap(ctx, s.Client, s.Namespace, BundleConfigMap, "bundle store", func(old map[string]string) (map[string]string, error) {
+		set, err := ParseBundleData(old)
 		if err != nil {
 			return nil, fmt.Errorf("%w (fix or delete the ConfigMap)", err)
 		}
@@ -161,29 +161,20 @@ func (s BundleStore) Update(ctx context.Context, change func(*BundleSet) error) 
 		if _, err := ParseBundleData(data); err != nil {
 			return nil, fmt.Errorf("trust: the change would leave the store invalid: %w", err)
 		}
-		cm.Data = data
-		if exists {
-			_, err = cms.Update(ctx, cm, metav1.UpdateOptions{})
-		} else {
-			_, err = cms.Create(ctx, cm, metav1.CreateOptions{})
-		}
-		if apierrors.IsConflict(err) || apierrors.IsAlreadyExists(err) {
-			continue
-		}
-		if apierrors.IsNotFound(err) {
-			return nil, fmt.Errorf("trust: bundle store %s/%s: %w (create the namespace, or name the control-plane namespace)", s.Namespace, BundleConfigMap, err)
-		}
-		if err != nil {
-			return nil, fmt.Errorf("trust: bundle store %s/%s: %w", s.Namespace, BundleConfigMap, err)
-		}
-		return set, nil
+		written = set
+		return data, nil
+	})
+	if err != nil {
+		return nil, err
 	}
-	return nil, ErrBundleConflict
+	return written, nil
 }
 
 // WatchBundleStore keeps set equal to the stored bundles until ctx ends, calling onChange
 // after each change (e.g. SDS.RefreshBundles). A malformed store is reported through
-// onError and the last good bundles stay.
+// onError and the last good bundles stay; a deleted ConfigMap empties set (no peer domain
+// is trusted any more). It returns nil when ctx ends. onChange and onError run on the
+// informer's goroutine, one at a time. No Isthmus process calls it yet.
 func WatchBundleStore(ctx context.Context, client kubernetes.Interface, namespace string, set *BundleSet, onChange func(), onError func(error)) error {
 	apply := func(obj any) {
 		cm, ok := obj.(*corev1.ConfigMap)
@@ -216,7 +207,9 @@ func WatchBundleStore(ctx context.Context, client kubernetes.Interface, namespac
 	return nil
 }
 
-// replace swaps in other's bundles and aliases.
+// replace swaps in other's bundles and aliases in one step, so a reader sees the old set
+// or the new one, never a mix. The maps are shared, not copied: other must not be used
+// afterwards.
 func (s *BundleSet) replace(other *BundleSet) {
 	other.mu.RLock()
 	bundles, aliases := other.bundles, other.aliases

@@ -97,7 +97,7 @@ func TestBundleStoreOnARealAPIServer(t *testing.T) {
 	oldID, _ := mesh.ParseIdentity("spiffe://old.example/ns/demo/sa/legacy")
 	legacyRoot := *westRoot
 	legacyRoot.TrustDomain = "old.example"
-	chain, err := legacyRoot.Sign(csr, oldID, time.Hour)
+	chain, err := legacyRoot.Sign(context.Background(), csr, oldID, time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}

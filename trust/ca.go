@@ -2,20 +2,20 @@ package trust
 
 import (
 	"crypto"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"math/big"
 	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
 	"time"
+
+	"istio.io/api/label"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/isthmus-mesh/isthmus/mesh"
 )
@@ -31,7 +31,8 @@ const (
 )
 
 // Authority is a signing CA: a key, its certificate, and the chain from that certificate
-// up to and including the root.
+// up to and including the root. An Authority is never changed after it is made (rotation
+// and reload make new ones), so it is safe for concurrent use; Key is the only secret.
 type Authority struct {
 	TrustDomain mesh.TrustDomain
 	Cert        *x509.Certificate
@@ -55,11 +56,7 @@ func (a *Authority) TrustAnchors() []*x509.Certificate {
 
 // AnchorsPEM returns TrustAnchors as concatenated PEM (the content of root-cert.pem).
 func (a *Authority) AnchorsPEM() []byte {
-	var out []byte
-	for _, c := range a.TrustAnchors() {
-		out = append(out, certPEM(c)...)
-	}
-	return out
+	return certsPEM(a.TrustAnchors())
 }
 
 // AnchorPool returns TrustAnchors as a certificate pool.
@@ -79,11 +76,9 @@ type RootOptions struct {
 	Organization string
 }
 
-func serialNumber() (*big.Int, error) {
-	return rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
-}
-
-// NewRoot makes a self-signed root CA (ECDSA P-256) for td.
+// NewRoot makes a self-signed root CA (ECDSA P-256) for td. The root names td in a URI
+// SAN (spiffe://<td>), which is how ParsePlugged and bundle checks tell which trust
+// domain a root anchors.
 func NewRoot(td mesh.TrustDomain, o RootOptions) (*Authority, error) {
 	if _, err := mesh.ParseTrustDomain(string(td)); err != nil {
 		return nil, fmt.Errorf("trust: new root: %w", err)
@@ -94,36 +89,23 @@ func NewRoot(td mesh.TrustDomain, o RootOptions) (*Authority, error) {
 	if o.Organization == "" {
 		o.Organization = "Isthmus"
 	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	key, err := newKey()
 	if err != nil {
 		return nil, err
 	}
-	sn, err := serialNumber()
-	if err != nil {
-		return nil, err
-	}
-	now := time.Now().Add(-5 * time.Minute) // tolerate clock skew between clusters
 	tdURI, err := url.Parse(td.IDString())
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("trust: new root: %w", err)
 	}
-	tmpl := &x509.Certificate{
+	cert, err := issue(&x509.Certificate{
 		URIs:                  []*url.URL{tdURI}, // names the trust domain the root anchors
-		SerialNumber:          sn,
 		Subject:               pkix.Name{Organization: []string{o.Organization}, CommonName: "Isthmus root CA for " + string(td)},
-		NotBefore:             now,
-		NotAfter:              now.Add(o.TTL),
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
 		BasicConstraintsValid: true,
 		IsCA:                  true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+	}, key.Public(), o.TTL, nil, key)
 	if err != nil {
 		return nil, fmt.Errorf("trust: create root: %w", err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		return nil, err
 	}
 	return &Authority{TrustDomain: td, Cert: cert, Key: key, Root: cert}, nil
 }
@@ -146,39 +128,26 @@ func (a *Authority) NewIntermediate(o IntermediateOptions) (*Authority, error) {
 	if o.TTL == 0 {
 		o.TTL = 365 * 24 * time.Hour
 	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	key, err := newKey()
 	if err != nil {
 		return nil, err
 	}
-	sn, err := serialNumber()
-	if err != nil {
-		return nil, err
-	}
-	now := time.Now().Add(-5 * time.Minute)
-	notAfter := now.Add(o.TTL)
-	if notAfter.After(a.Cert.NotAfter) {
-		notAfter = a.Cert.NotAfter
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          sn,
+	// MaxPathLen 0: the intermediate signs leaves only, never another CA. The permitted
+	// URI domain is the name constraint that keeps its identities inside a's trust domain.
+	cert, err := issue(&x509.Certificate{
 		Subject:               pkix.Name{Organization: a.Cert.Subject.Organization, CommonName: "Isthmus intermediate CA for cluster " + string(o.Cluster)},
-		NotBefore:             now,
-		NotAfter:              notAfter,
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
 		BasicConstraintsValid: true,
 		IsCA:                  true,
 		MaxPathLen:            0,
 		MaxPathLenZero:        true,
 		PermittedURIDomains:   []string{string(a.TrustDomain)},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, a.Cert, key.Public(), a.Key)
+	}, key.Public(), o.TTL, a, nil)
 	if err != nil {
 		return nil, fmt.Errorf("trust: create intermediate for %s: %w", o.Cluster, err)
 	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		return nil, err
-	}
+	// The new CA's chain is its issuer and the issuer's chain; a root's own chain is
+	// empty, so an intermediate straight under a root has just the root.
 	chain := append([]*x509.Certificate{a.Cert}, a.Chain...)
 	if a.Cert == a.Root {
 		chain = []*x509.Certificate{a.Root}
@@ -188,23 +157,38 @@ func (a *Authority) NewIntermediate(o IntermediateOptions) (*Authority, error) {
 
 // PluggedFiles returns the four plug-in CA files for a.
 func (a *Authority) PluggedFiles() (map[string][]byte, error) {
-	keyDER, err := x509.MarshalPKCS8PrivateKey(a.Key)
+	key, err := keyPEM(a.Key)
 	if err != nil {
 		return nil, err
 	}
-	chain := certPEM(a.Cert)
-	for _, c := range a.Chain {
-		chain = append(chain, certPEM(c)...)
-	}
 	return map[string][]byte{
 		CACertFile:    certPEM(a.Cert),
-		CAKeyFile:     pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}),
+		CAKeyFile:     key,
 		RootCertFile:  a.AnchorsPEM(),
-		CertChainFile: chain,
+		CertChainFile: append(certPEM(a.Cert), certsPEM(a.Chain)...), // Istio's layout: ca-cert first
 	}, nil
 }
 
-// WriteDir writes the plug-in CA files into dir (the key readable by the owner only).
+// PluggedSecret returns the plug-in CA files as the Secret "cacerts" in namespace,
+// labelled with the cluster it is for (topology.istio.io/cluster) and as managed by
+// Isthmus: what `isthmus trust intermediate -o yaml` prints for kubectl apply. TypeMeta
+// is set, so the printed object applies as it is.
+func (a *Authority) PluggedSecret(namespace string, cluster mesh.ClusterID) (*corev1.Secret, error) {
+	files, err := a.PluggedFiles()
+	if err != nil {
+		return nil, err
+	}
+	return &corev1.Secret{
+		TypeMeta: metav1.TypeMeta{APIVersion: "v1", Kind: "Secret"},
+		ObjectMeta: metav1.ObjectMeta{Name: SecretName, Namespace: namespace,
+			Labels: map[string]string{"app.kubernetes.io/managed-by": "isthmus", label.TopologyCluster.Name: string(cluster)}},
+		Data: files,
+	}, nil
+}
+
+// WriteDir writes the plug-in CA files into dir (the key readable by the owner only). The
+// files are written one after another, not atomically: for a directory a running primary
+// reads, use DirStore.Save.
 func (a *Authority) WriteDir(dir string) error {
 	files, err := a.PluggedFiles()
 	if err != nil {
@@ -306,10 +290,8 @@ func ParsePlugged(files map[string][]byte) (*Authority, error) {
 		if td, err := mesh.ParseTrustDomain(cert.PermittedURIDomains[0]); err == nil {
 			a.TrustDomain = td
 		}
-	} else if len(cert.URIs) == 1 && cert.URIs[0].Scheme == "spiffe" && cert.URIs[0].Path == "" {
-		if td, err := mesh.ParseTrustDomain(cert.URIs[0].Host); err == nil {
-			a.TrustDomain = td
-		}
+	} else if td, ok := rootTrustDomain(cert); ok {
+		a.TrustDomain = td
 	}
 	if err := a.verifySelf(); err != nil {
 		return nil, err
@@ -317,6 +299,8 @@ func ParsePlugged(files map[string][]byte) (*Authority, error) {
 	return a, nil
 }
 
+// verifySelf checks that a's certificate chains to its root through a's chain, for any
+// usage (a CA certificate carries none of its own). A root trivially does.
 func (a *Authority) verifySelf() error {
 	if a.Cert == a.Root {
 		return nil
@@ -331,61 +315,6 @@ func (a *Authority) verifySelf() error {
 		return fmt.Errorf("trust: %s does not chain to %s: %w", CACertFile, RootCertFile, err)
 	}
 	return nil
-}
-
-func certPEM(c *x509.Certificate) []byte {
-	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})
-}
-
-func parseCerts(data []byte) ([]*x509.Certificate, error) {
-	var out []*x509.Certificate
-	for {
-		var block *pem.Block
-		block, data = pem.Decode(data)
-		if block == nil {
-			break
-		}
-		if block.Type != "CERTIFICATE" {
-			continue
-		}
-		c, err := x509.ParseCertificate(block.Bytes)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, c)
-	}
-	if len(out) == 0 {
-		return nil, errors.New("no PEM certificate")
-	}
-	return out, nil
-}
-
-func parseKey(block *pem.Block) (crypto.Signer, error) {
-	var k any
-	var err error
-	switch block.Type {
-	case "PRIVATE KEY":
-		k, err = x509.ParsePKCS8PrivateKey(block.Bytes)
-	case "EC PRIVATE KEY":
-		k, err = x509.ParseECPrivateKey(block.Bytes)
-	case "RSA PRIVATE KEY":
-		k, err = x509.ParsePKCS1PrivateKey(block.Bytes)
-	default:
-		return nil, fmt.Errorf("unsupported key block %q", block.Type)
-	}
-	if err != nil {
-		return nil, err
-	}
-	s, ok := k.(crypto.Signer)
-	if !ok {
-		return nil, fmt.Errorf("key of type %T cannot sign", k)
-	}
-	return s, nil
-}
-
-func publicKeysEqual(a, b crypto.PublicKey) bool {
-	ae, ok := a.(interface{ Equal(crypto.PublicKey) bool })
-	return ok && ae.Equal(b)
 }
 
 // RootPEM returns the root certificate in PEM.

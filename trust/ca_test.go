@@ -1,6 +1,8 @@
 package trust
 
 import (
+	"context"
+	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -82,7 +84,7 @@ func TestRootIntermediateLeafChain(t *testing.T) {
 		t.Fatal(err)
 	}
 	csr, _, _ := newCSR(t, "spiffe://example.org/ns/demo/sa/echo")
-	chainPEM, err := inter.Sign(csr, mustIdentity(t, "spiffe://example.org/ns/demo/sa/echo"), time.Hour)
+	chainPEM, err := inter.Sign(context.Background(), csr, mustIdentity(t, "spiffe://example.org/ns/demo/sa/echo"), time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -103,22 +105,22 @@ func TestRootIntermediateLeafChain(t *testing.T) {
 
 	// A CSR without names gets the caller's identity filled in.
 	bare, _, _ := newCSR(t)
-	if _, err := inter.Sign(bare, mustIdentity(t, "spiffe://example.org/ns/demo/sa/echo"), time.Hour); err != nil {
+	if _, err := inter.Sign(context.Background(), bare, mustIdentity(t, "spiffe://example.org/ns/demo/sa/echo"), time.Hour); err != nil {
 		t.Fatal(err)
 	}
 	// Refusals.
 	other, _, _ := newCSR(t, "spiffe://example.org/ns/demo/sa/admin")
-	if _, err := inter.Sign(other, mustIdentity(t, "spiffe://example.org/ns/demo/sa/echo"), time.Hour); !errors.Is(err, ErrWrongIdentity) {
+	if _, err := inter.Sign(context.Background(), other, mustIdentity(t, "spiffe://example.org/ns/demo/sa/echo"), time.Hour); !errors.Is(err, ErrWrongIdentity) {
 		t.Fatalf("CSR for another identity: %v", err)
 	}
-	if _, err := inter.Sign(csr, mustIdentity(t, "spiffe://other.org/ns/demo/sa/echo"), time.Hour); !errors.Is(err, ErrWrongIdentity) {
+	if _, err := inter.Sign(context.Background(), csr, mustIdentity(t, "spiffe://other.org/ns/demo/sa/echo"), time.Hour); !errors.Is(err, ErrWrongIdentity) {
 		t.Fatalf("identity in another trust domain: %v", err)
 	}
 	dnsTmpl := &x509.CertificateRequest{DNSNames: []string{"evil.example.com"}}
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	der, _ := x509.CreateCertificateRequest(rand.Reader, dnsTmpl, key)
 	dnsCSR, _ := x509.ParseCertificateRequest(der)
-	if _, err := inter.Sign(dnsCSR, mustIdentity(t, "spiffe://example.org/ns/demo/sa/echo"), time.Hour); !errors.Is(err, ErrWrongIdentity) {
+	if _, err := inter.Sign(context.Background(), dnsCSR, mustIdentity(t, "spiffe://example.org/ns/demo/sa/echo"), time.Hour); !errors.Is(err, ErrWrongIdentity) {
 		t.Fatalf("CSR with DNS names: %v", err)
 	}
 }
@@ -192,7 +194,7 @@ func TestSingleTrustAcrossClusters(t *testing.T) {
 	b, _ := root.NewIntermediate(IntermediateOptions{Cluster: "b"})
 	certFor := func(ca *Authority, id string) tls.Certificate {
 		csr, key, _ := newCSR(t, id)
-		chain, err := ca.Sign(csr, mustIdentity(t, id), time.Hour)
+		chain, err := ca.Sign(context.Background(), csr, mustIdentity(t, id), time.Hour)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -253,3 +255,77 @@ func TestSingleTrustAcrossClusters(t *testing.T) {
 }
 
 func bigOne() *big.Int { return big.NewInt(1) }
+
+// TestServingCertificate assembles the primary's CA serving certificate: a TLS pair whose
+// leaf carries the control plane's names, verifies to the root through the intermediate
+// it is sent with, and whose key is the leaf's.
+func TestServingCertificate(t *testing.T) {
+	root, err := NewRoot("example.org", RootOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	inter, err := root.NewIntermediate(IntermediateOptions{Cluster: "c1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	names := ServingNames("istio-system", "cluster.local")
+	want := []string{"istiod.istio-system.svc", "istiod.istio-system.svc.cluster.local", "isthmus-primary.istio-system.svc", "localhost"}
+	if strings.Join(names, ",") != strings.Join(want, ",") {
+		t.Fatalf("ServingNames: %v, want %v", names, want)
+	}
+	for _, ca := range []*Authority{root, inter} {
+		tc, err := ca.ServingCertificate(names, time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		leaf, err := x509.ParseCertificate(tc.Certificate[0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		// The leaf and the CAs under the root are sent, never the root: a client holds it.
+		if wantLen := 1 + len(ca.Chain); len(tc.Certificate) != wantLen {
+			t.Fatalf("CA %q: %d certificates sent, want %d", ca.Cert.Subject.CommonName, len(tc.Certificate), wantLen)
+		}
+		inters := x509.NewCertPool()
+		for _, der := range tc.Certificate[1:] {
+			c, _ := x509.ParseCertificate(der)
+			inters.AddCert(c)
+		}
+		roots := x509.NewCertPool()
+		roots.AddCert(root.Root)
+		for _, n := range names {
+			if _, err := leaf.Verify(x509.VerifyOptions{DNSName: n, Roots: roots, Intermediates: inters}); err != nil {
+				t.Fatalf("CA %q, name %s: %v", ca.Cert.Subject.CommonName, n, err)
+			}
+		}
+		if !publicKeysEqual(leaf.PublicKey, tc.PrivateKey.(interface{ Public() crypto.PublicKey }).Public()) {
+			t.Fatal("the key is not the leaf's")
+		}
+		if d := leaf.NotAfter.Sub(leaf.NotBefore); d != time.Hour+clockSkew {
+			t.Fatalf("validity %s, want ttl + clockSkew", d)
+		}
+	}
+}
+
+// TestPluggedSecret renders an intermediate as the Secret cacerts and reads it back.
+func TestPluggedSecret(t *testing.T) {
+	root, _ := NewRoot("example.org", RootOptions{})
+	inter, err := root.NewIntermediate(IntermediateOptions{Cluster: "east"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := inter.PluggedSecret("istio-system", "east")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Kind != "Secret" || s.Name != SecretName || s.Namespace != "istio-system" || s.Labels["topology.istio.io/cluster"] != "east" {
+		t.Fatalf("secret %s %s/%s labels %v", s.Kind, s.Namespace, s.Name, s.Labels)
+	}
+	back, err := ParsePlugged(s.Data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !back.Cert.Equal(inter.Cert) || !back.Root.Equal(root.Cert) || back.TrustDomain != "example.org" {
+		t.Fatalf("read back %q under %q for %s", back.Cert.Subject, back.Root.Subject, back.TrustDomain)
+	}
+}

@@ -1,9 +1,9 @@
 package trust
 
 import (
+	"cmp"
 	"context"
 	"crypto/x509"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"time"
@@ -11,6 +11,7 @@ import (
 	cmapi "github.com/cert-manager/cert-manager/pkg/apis/certmanager/v1"
 	cmmeta "github.com/cert-manager/cert-manager/pkg/apis/meta/v1"
 	cmclient "github.com/cert-manager/cert-manager/pkg/client/clientset/versioned"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/isthmus-mesh/isthmus/mesh"
@@ -42,7 +43,11 @@ type CertManagerSigner struct {
 	Keep bool
 }
 
-// Sign implements Signer.
+// Sign implements Signer: it creates one CertificateRequest, polls it until cert-manager
+// decides (denied, invalid and failed are ErrSignerRefused; no decision within Timeout is
+// context.DeadlineExceeded), checks the leaf and returns leaf, intermediates, anchors.
+// The CertificateRequest is deleted on every path unless Keep is set, with its own short
+// deadline so that a cancelled ctx does not leave it behind.
 func (s *CertManagerSigner) Sign(ctx context.Context, csr *x509.CertificateRequest, id mesh.Identity, ttl time.Duration) ([]string, error) {
 	if s.Client == nil || s.Namespace == "" || s.Issuer.Name == "" || len(s.Anchors) == 0 {
 		return nil, errors.New("trust: cert-manager signer: Client, Namespace, Issuer and Anchors are required")
@@ -65,7 +70,7 @@ func (s *CertManagerSigner) Sign(ctx context.Context, csr *x509.CertificateReque
 			Annotations: map[string]string{AnnotationIdentity: id.String()},
 			Labels:      map[string]string{"app.kubernetes.io/managed-by": "isthmus"}},
 		Spec: cmapi.CertificateRequestSpec{
-			Request:   pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: csr.Raw}),
+			Request:   csrPEM(csr.Raw),
 			IssuerRef: s.Issuer,
 			Duration:  &metav1.Duration{Duration: ttl},
 			Usages:    []cmapi.KeyUsage{cmapi.UsageDigitalSignature, cmapi.UsageKeyEncipherment, cmapi.UsageServerAuth, cmapi.UsageClientAuth},
@@ -81,37 +86,61 @@ func (s *CertManagerSigner) Sign(ctx context.Context, csr *x509.CertificateReque
 			_ = crs.Delete(dctx, cr.Name, metav1.DeleteOptions{})
 		}()
 	}
+	notIssued := func(last error) error {
+		err := fmt.Errorf("trust: cert-manager: CertificateRequest %s/%s not issued within %s (is it approved? is the issuer %s ready?): %w", s.Namespace, cr.Name, timeout, s.Issuer.Name, cmp.Or(ctx.Err(), context.DeadlineExceeded))
+		if last != nil {
+			err = fmt.Errorf("%w (last poll: %v)", err, last)
+		}
+		return err
+	}
+	// Polled, not watched: one request lives for a second or two, and a poll needs only
+	// get permission on CertificateRequests. The interval doubles from 50 ms to 500 ms so
+	// that a slow issuer does not spend the client's rate limit.
+	interval := 50 * time.Millisecond
+	var lastErr error
 	for {
 		cur, err := crs.Get(ctx, cr.Name, metav1.GetOptions{})
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil, fmt.Errorf("trust: cert-manager: CertificateRequest %s/%s not issued within %s (is it approved? is the issuer %s ready?): %w", s.Namespace, cr.Name, timeout, s.Issuer.Name, ctx.Err())
-			}
+		switch {
+		case err != nil && ctx.Err() != nil:
+			return nil, notIssued(lastErr)
+		case err != nil && apierrors.ReasonForError(err) != metav1.StatusReasonUnknown:
+			// The API server answered (not found, forbidden, …): polling again will not help.
 			return nil, fmt.Errorf("trust: cert-manager: %w", err)
-		}
-		if c := condition(cur, cmapi.CertificateRequestConditionDenied); c != nil && c.Status == cmmeta.ConditionTrue {
-			return nil, fmt.Errorf("%w: cert-manager: CertificateRequest %s/%s denied: %s: %s", ErrSignerRefused, s.Namespace, cr.Name, c.Reason, c.Message)
-		}
-		if c := condition(cur, cmapi.CertificateRequestConditionInvalidRequest); c != nil && c.Status == cmmeta.ConditionTrue {
-			return nil, fmt.Errorf("%w: cert-manager: CertificateRequest %s/%s invalid: %s", ErrSignerRefused, s.Namespace, cr.Name, c.Message)
-		}
-		if c := condition(cur, cmapi.CertificateRequestConditionReady); c != nil {
-			if c.Status == cmmeta.ConditionFalse && c.Reason == cmapi.CertificateRequestReasonFailed {
-				return nil, fmt.Errorf("%w: cert-manager: CertificateRequest %s/%s failed: %s", ErrSignerRefused, s.Namespace, cr.Name, c.Message)
+		case err != nil:
+			// Transport trouble or the client's rate limiter refusing a wait that would
+			// outlast the deadline: the request may still be issued, so keep polling until
+			// the deadline and report what the last poll said.
+			lastErr = err
+		default:
+			if c := condition(cur, cmapi.CertificateRequestConditionDenied); c != nil && c.Status == cmmeta.ConditionTrue {
+				return nil, fmt.Errorf("%w: cert-manager: CertificateRequest %s/%s denied: %s: %s", ErrSignerRefused, s.Namespace, cr.Name, c.Reason, c.Message)
 			}
-			if c.Status == cmmeta.ConditionTrue && len(cur.Status.Certificate) > 0 {
-				return s.chain(cur, id)
+			if c := condition(cur, cmapi.CertificateRequestConditionInvalidRequest); c != nil && c.Status == cmmeta.ConditionTrue {
+				return nil, fmt.Errorf("%w: cert-manager: CertificateRequest %s/%s invalid: %s", ErrSignerRefused, s.Namespace, cr.Name, c.Message)
+			}
+			if c := condition(cur, cmapi.CertificateRequestConditionReady); c != nil {
+				if c.Status == cmmeta.ConditionFalse && c.Reason == cmapi.CertificateRequestReasonFailed {
+					return nil, fmt.Errorf("%w: cert-manager: CertificateRequest %s/%s failed: %s", ErrSignerRefused, s.Namespace, cr.Name, c.Message)
+				}
+				if c.Status == cmmeta.ConditionTrue && len(cur.Status.Certificate) > 0 {
+					return s.chain(cur, id)
+				}
 			}
 		}
 		select {
 		case <-ctx.Done():
-			return nil, fmt.Errorf("trust: cert-manager: CertificateRequest %s/%s not issued within %s (is it approved? is the issuer %s ready?): %w", s.Namespace, cr.Name, timeout, s.Issuer.Name, ctx.Err())
-		case <-time.After(50 * time.Millisecond):
+			return nil, notIssued(lastErr)
+		case <-time.After(interval):
 		}
+		interval = min(2*interval, 500*time.Millisecond)
 	}
 }
 
-// chain checks what cert-manager issued and returns it leaf first, anchors last.
+// chain checks what cert-manager issued and returns it leaf first, anchors last. The leaf
+// must carry exactly id and verify for client auth to one of s.Anchors, through the
+// intermediates cert-manager returned with it or as its CA; the chain returned is the
+// verified one, not what cert-manager sent, so an extra or missing certificate there
+// cannot end up in a workload's files.
 func (s *CertManagerSigner) chain(cr *cmapi.CertificateRequest, id mesh.Identity) ([]string, error) {
 	certs, err := parseCerts(cr.Status.Certificate)
 	if err != nil || len(certs) == 0 {
@@ -142,13 +171,10 @@ func (s *CertManagerSigner) chain(cr *cmapi.CertificateRequest, id mesh.Identity
 	for _, c := range chains[0][:len(chains[0])-1] {
 		out = append(out, string(certPEM(c)))
 	}
-	var anchors []byte
-	for _, a := range s.Anchors {
-		anchors = append(anchors, certPEM(a)...)
-	}
-	return append(out, string(anchors)), nil
+	return append(out, string(certsPEM(s.Anchors))), nil
 }
 
+// condition returns cr's condition of type t, nil when it has none yet.
 func condition(cr *cmapi.CertificateRequest, t cmapi.CertificateRequestConditionType) *cmapi.CertificateRequestCondition {
 	for i := range cr.Status.Conditions {
 		if cr.Status.Conditions[i].Type == t {

@@ -114,7 +114,7 @@ func playIssuer(ctx context.Context, t *testing.T, cm cmclient.Interface, ns str
 						signAs, _ = mesh.ParseIdentity("spiffe://cluster.local/ns/demo/sa/someone-else")
 						csr.URIs = nil
 					}
-					chain, err := ca.Sign(csr, signAs, cr.Spec.Duration.Duration)
+					chain, err := ca.Sign(context.Background(), csr, signAs, cr.Spec.Duration.Duration)
 					if err != nil {
 						t.Errorf("issuer: %v", err)
 						continue

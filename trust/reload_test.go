@@ -2,8 +2,11 @@ package trust
 
 import (
 	"context"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -67,5 +70,30 @@ func TestReloadDir(t *testing.T) {
 	waitFor("the foreign CA to be refused", func() bool { return errs.Load() == 2 })
 	if !srv.authority().Cert.Equal(other.Cert) {
 		t.Fatal("a CA for another trust domain was swapped in")
+	}
+}
+
+// TestFetchStatus reads a server's TrustStatus back through its DebugHandler, and refuses
+// a page that is not one.
+func TestFetchStatus(t *testing.T) {
+	root, _ := NewRoot("example.org", RootOptions{})
+	srv, err := NewServer(ServerConfig{Authority: root, Clusters: StaticClients{}, LocalCluster: "c1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/debug/trustz", srv.DebugHandler())
+	web := httptest.NewServer(mux)
+	defer web.Close()
+	ctx := context.Background()
+	st, err := FetchStatus(ctx, web.Client(), web.URL+"/debug/trustz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.TrustDomain != "example.org" || st.Root != Fingerprint(root.Cert.Raw) || len(st.Anchors) != 1 || !st.SignerNotAfter.Equal(root.Cert.NotAfter) {
+		t.Fatalf("status %+v", st)
+	}
+	if _, err := FetchStatus(ctx, web.Client(), web.URL+"/missing"); err == nil || !strings.Contains(err.Error(), "404") {
+		t.Fatalf("a missing page: %v", err)
 	}
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/x509"
 	"encoding/json"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"os"
@@ -19,7 +18,12 @@ import (
 type CAStore interface {
 	// Cluster is the cluster whose CA this is (it names the new intermediate).
 	Cluster() mesh.ClusterID
+	// Load returns the four plug-in CA files as they are now (see PluggedFiles); a store
+	// that does not hold a valid CA is an error, so a rotation never starts from one.
 	Load(ctx context.Context) (map[string][]byte, error)
+	// Save writes files, replacing those named and leaving the others. A reader (the
+	// primary's ReloadDir) may look at any moment, so each file must change atomically
+	// and the key before the certificate it belongs to.
 	Save(ctx context.Context, files map[string][]byte) error
 }
 
@@ -102,6 +106,11 @@ type RotationConfig struct {
 	CheckTimeout time.Duration
 	// Progress receives one line per step; nil discards.
 	Progress func(string)
+	// Peers and PeerRoots extend the rotation across trust domains (see waitPeers): the
+	// primaries of the domains federated with this one, and what each holds in force for
+	// this domain (its trustz). Optional.
+	Peers     []string
+	PeerRoots func(ctx context.Context, peer string, td mesh.TrustDomain) ([]string, error)
 }
 
 // Rotate replaces the mesh's root without downtime: publish the new root next to the old
@@ -136,6 +145,9 @@ func Rotate(ctx context.Context, cfg RotationConfig) error {
 		}
 		cfg.Progress(fmt.Sprintf("%s: written to %d CA(s); waiting for each to serve it", st.Phase, len(cfg.Stores)))
 		if err := waitServed(ctx, cfg, st, newFP); err != nil {
+			return err
+		}
+		if err := waitPeers(ctx, cfg, st, newRoot.TrustDomain, newFP); err != nil {
 			return err
 		}
 		if st.PhaseReady.IsZero() {
@@ -192,12 +204,11 @@ func loadOrStartRotation(ctx context.Context, cfg RotationConfig) (*RotationStat
 	if err != nil {
 		return nil, err
 	}
-	keyDER, err := x509.MarshalPKCS8PrivateKey(root.Key)
+	kp, err := keyPEM(root.Key)
 	if err != nil {
 		return nil, err
 	}
-	st := &RotationState{Phase: PhasePublish, Started: time.Now(), NewRoot: string(root.RootPEM()),
-		NewRootKey: string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}))}
+	st := &RotationState{Phase: PhasePublish, Started: time.Now(), NewRoot: string(root.RootPEM()), NewRootKey: string(kp)}
 	for _, c := range cur.TrustAnchors() {
 		st.OldRoots = append(st.OldRoots, Fingerprint(c.Raw))
 	}

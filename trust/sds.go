@@ -1,9 +1,7 @@
 package trust
 
 import (
-	"bytes"
 	"context"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -19,18 +17,14 @@ import (
 	"github.com/envoyproxy/go-control-plane/pkg/server/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/isthmus-mesh/isthmus/mesh"
 )
 
-// Names of the SDS secrets, as Istio's agent serves them and Envoy's sidecar clusters
-// reference them.
-const (
-	// SDSIdentitySecret is the workload's certificate chain and key.
-	SDSIdentitySecret = "default"
-	// SDSRootSecret is the validation context: the roots peers are verified against.
-	SDSRootSecret = "ROOTCA"
-	// spiffeValidator is Envoy's SPIFFE certificate validator extension.
-	spiffeValidator = "envoy.tls.cert_validator.spiffe"
-)
+// spiffeValidator is Envoy's SPIFFE certificate validator extension. The secrets' own
+// names (mesh.SDSIdentitySecret, mesh.SDSRootSecret) are wire vocabulary shared with the
+// primary, so they live in mesh.
+const spiffeValidator = "envoy.tls.cert_validator.spiffe"
 
 // SDSConfig configures an SDS server.
 type SDSConfig struct {
@@ -46,13 +40,18 @@ type SDSConfig struct {
 // SDS serves a workload's certificate and roots to Envoy over the Secret Discovery Service
 // (as go-control-plane secret resources), the way Istio's agent does on its Unix socket:
 // secrets "default" and "ROOTCA". Feed it from an Agent (AgentConfig.OnIssue = sds.Update);
-// every new certificate is pushed to connected proxies.
+// every new certificate is pushed to connected proxies. A library for now: no Isthmus
+// process serves SDS yet (the scenario workloads are proxyless gRPC and read the Agent's
+// files).
 type SDS struct {
 	cfg   SDSConfig
 	cache *cache.LinearCache
 
+	// mu guards last and is held for a whole publish, so publishes happen one at a time
+	// and in order: a RefreshBundles racing an Update can never publish the older
+	// certificate after the newer one.
 	mu sync.Mutex
-	// last is the latest certificate; guarded by mu.
+	// last is the latest certificate.
 	last *Issued
 }
 
@@ -72,9 +71,9 @@ func (s *SDS) Register(ctx context.Context, g *grpc.Server) {
 // Update publishes a new certificate (and the roots) to every proxy.
 func (s *SDS) Update(in Issued) {
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	s.last = &in
-	s.mu.Unlock()
-	if err := s.publish(); err != nil {
+	if err := s.publishLocked(); err != nil {
 		// Only a malformed certificate from the CA gets here; the old secrets stay.
 		s.cfg.Log.Error("SDS update refused; proxies keep the previous secrets", "err", err)
 	}
@@ -82,12 +81,18 @@ func (s *SDS) Update(in Issued) {
 
 // RefreshBundles re-publishes ROOTCA after the bundle set changed (a peer domain added or
 // removed, a root rotated).
-func (s *SDS) RefreshBundles() error { return s.publish() }
-
-func (s *SDS) publish() error {
+func (s *SDS) RefreshBundles() error {
 	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.publishLocked()
+}
+
+// publishLocked builds both secrets from the last certificate and the bundle set as they
+// are now, validates them, and replaces them in one cache update, so a proxy never gets a
+// certificate without its roots. Nothing is published before the first Update. s.mu must
+// be held.
+func (s *SDS) publishLocked() error {
 	last := s.last
-	s.mu.Unlock()
 	if last == nil {
 		return nil
 	}
@@ -95,7 +100,7 @@ func (s *SDS) publish() error {
 	if err != nil {
 		return err
 	}
-	ident := &tlsv3.Secret{Name: SDSIdentitySecret, Type: &tlsv3.Secret_TlsCertificate{TlsCertificate: &tlsv3.TlsCertificate{
+	ident := &tlsv3.Secret{Name: mesh.SDSIdentitySecret, Type: &tlsv3.Secret_TlsCertificate{TlsCertificate: &tlsv3.TlsCertificate{
 		CertificateChain: inline(last.ChainPEM),
 		PrivateKey:       inline(last.KeyPEM),
 	}}}
@@ -104,7 +109,7 @@ func (s *SDS) publish() error {
 			return fmt.Errorf("trust: sds: secret %s: %w", sec.Name, err)
 		}
 	}
-	return s.cache.UpdateResources(map[string]types.Resource{SDSIdentitySecret: ident, SDSRootSecret: root}, nil)
+	return s.cache.UpdateResources(map[string]types.Resource{mesh.SDSIdentitySecret: ident, mesh.SDSRootSecret: root}, nil)
 }
 
 // rootSecret is ROOTCA: the workload's own root, or a SPIFFE validator over the bundle set.
@@ -116,15 +121,12 @@ func (s *SDS) rootSecret(ownRoot []byte) (*tlsv3.Secret, error) {
 		spiffe := &tlsv3.SPIFFECertValidatorConfig{}
 		for _, td := range s.cfg.Bundles.Domains() {
 			b, _ := s.cfg.Bundles.Get(td)
-			var buf bytes.Buffer
-			for _, c := range b.X509Authorities() {
-				pem.Encode(&buf, &pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})
-			}
-			if buf.Len() == 0 {
-				continue
+			roots := certsPEM(b.X509Authorities())
+			if len(roots) == 0 {
+				continue // a JWT-only bundle has nothing for Envoy to validate X.509 with
 			}
 			spiffe.TrustDomains = append(spiffe.TrustDomains, &tlsv3.SPIFFECertValidatorConfig_TrustDomain{
-				Name: string(td), TrustBundle: inline(buf.Bytes())})
+				Name: string(td), TrustBundle: inline(roots)})
 		}
 		if len(spiffe.TrustDomains) == 0 {
 			return nil, errors.New("trust: sds: the bundle set holds no X.509 roots")
@@ -135,7 +137,7 @@ func (s *SDS) rootSecret(ownRoot []byte) (*tlsv3.Secret, error) {
 		}
 		vc.CustomValidatorConfig = &core.TypedExtensionConfig{Name: spiffeValidator, TypedConfig: a}
 	}
-	return &tlsv3.Secret{Name: SDSRootSecret, Type: &tlsv3.Secret_ValidationContext{ValidationContext: vc}}, nil
+	return &tlsv3.Secret{Name: mesh.SDSRootSecret, Type: &tlsv3.Secret_ValidationContext{ValidationContext: vc}}, nil
 }
 
 func inline(b []byte) *core.DataSource {

@@ -45,7 +45,7 @@ func sdsStream(t *testing.T, sds *trust.SDS) secretservice.SecretDiscoveryServic
 		t.Fatal(err)
 	}
 	if err := stream.Send(&discovery.DiscoveryRequest{TypeUrl: resource.SecretType, Node: &core.Node{Id: "sidecar~10.0.0.1~p.demo~demo.svc.cluster.local"},
-		ResourceNames: []string{trust.SDSIdentitySecret, trust.SDSRootSecret}}); err != nil {
+		ResourceNames: []string{mesh.SDSIdentitySecret, mesh.SDSRootSecret}}); err != nil {
 		t.Fatal(err)
 	}
 	return stream
@@ -74,7 +74,7 @@ func recvSecrets(t *testing.T, stream secretservice.SecretDiscoveryService_Strea
 			t.Fatal(res.err)
 		}
 		if err := stream.Send(&discovery.DiscoveryRequest{TypeUrl: resource.SecretType, VersionInfo: res.r.VersionInfo, ResponseNonce: res.r.Nonce,
-			ResourceNames: []string{trust.SDSIdentitySecret, trust.SDSRootSecret}}); err != nil {
+			ResourceNames: []string{mesh.SDSIdentitySecret, mesh.SDSRootSecret}}); err != nil {
 			t.Fatal(err)
 		}
 		if len(res.r.Resources) == 0 {
@@ -130,19 +130,19 @@ func TestSDSServesAndPushesRenewals(t *testing.T) {
 	if len(first) != 2 {
 		t.Fatalf("got secrets %v; want default and ROOTCA", first)
 	}
-	leaf := leafOf(t, first[trust.SDSIdentitySecret])
+	leaf := leafOf(t, first[mesh.SDSIdentitySecret])
 	if leaf.URIs[0].String() != "spiffe://cluster.local/ns/demo/sa/sds" {
 		t.Fatalf("identity %v", leaf.URIs)
 	}
-	if len(first[trust.SDSIdentitySecret].GetTlsCertificate().GetPrivateKey().GetInlineBytes()) == 0 {
+	if len(first[mesh.SDSIdentitySecret].GetTlsCertificate().GetPrivateKey().GetInlineBytes()) == 0 {
 		t.Fatal("no private key in the identity secret")
 	}
-	rb, _ := pem.Decode(first[trust.SDSRootSecret].GetValidationContext().GetTrustedCa().GetInlineBytes())
+	rb, _ := pem.Decode(first[mesh.SDSRootSecret].GetValidationContext().GetTrustedCa().GetInlineBytes())
 	if rb == nil || string(rb.Bytes) != string(env.root.Cert.Raw) {
 		t.Fatal("ROOTCA is not the mesh root")
 	}
 	second := recvSecrets(t, stream)
-	if l2 := leafOf(t, second[trust.SDSIdentitySecret]); l2.SerialNumber.Cmp(leaf.SerialNumber) == 0 {
+	if l2 := leafOf(t, second[mesh.SDSIdentitySecret]); l2.SerialNumber.Cmp(leaf.SerialNumber) == 0 {
 		t.Fatal("the push after renewal carries the old certificate")
 	}
 }
@@ -172,7 +172,7 @@ func TestSDSMultiTrustValidator(t *testing.T) {
 	stream := sdsStream(t, sds)
 	sds.Update(issued)
 	got := recvSecrets(t, stream)
-	cv := got[trust.SDSRootSecret].GetValidationContext().GetCustomValidatorConfig()
+	cv := got[mesh.SDSRootSecret].GetValidationContext().GetCustomValidatorConfig()
 	if cv.GetName() != "envoy.tls.cert_validator.spiffe" {
 		t.Fatalf("ROOTCA validator %q; want Envoy's SPIFFE validator", cv.GetName())
 	}
@@ -190,7 +190,7 @@ func TestSDSMultiTrustValidator(t *testing.T) {
 		t.Fatal(err)
 	}
 	got = recvSecrets(t, stream)
-	cv = got[trust.SDSRootSecret].GetValidationContext().GetCustomValidatorConfig()
+	cv = got[mesh.SDSRootSecret].GetValidationContext().GetCustomValidatorConfig()
 	cv.GetTypedConfig().UnmarshalTo(cfg)
 	if len(cfg.TrustDomains) != 1 {
 		t.Fatalf("after removing west.example: %v", cfg.TrustDomains)

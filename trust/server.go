@@ -1,14 +1,17 @@
 package trust
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
+	"net/http"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -36,6 +39,9 @@ const Audience = "istio-ca"
 // implements it with its cluster watchers' clients (the remote reader may create
 // TokenReviews).
 type ClusterClients interface {
+	// Client returns the client for cluster, false when the CA has no credentials for it
+	// (the caller is then refused as Unauthenticated, never reviewed elsewhere). It is
+	// called once per uncached request, concurrently, and must not block on the network.
 	Client(cluster mesh.ClusterID) (kubernetes.Interface, bool)
 }
 
@@ -73,28 +79,35 @@ type ServerConfig struct {
 	Metrics prometheus.Registerer
 }
 
-// Server implements istio.v1.auth.IstioCertificateService.
+// Server implements istio.v1.auth.IstioCertificateService. It is safe for concurrent use:
+// every request reads the current Authority once, and the review cache has its own lock.
 type Server struct {
 	pb.UnimplementedIstioCertificateServiceServer
 	cfg     ServerConfig
 	issued  prometheus.Counter
 	refused *prometheus.CounterVec
 	reviews *prometheus.CounterVec
+	// certRefused counts client certificates refused at the handshake.
+	certRefused prometheus.Counter
 
+	// mu guards cache only; it is never held across a TokenReview or a signature.
 	mu sync.Mutex
-	// cache holds successful TokenReviews by (cluster, token hash); guarded by mu.
+	// cache holds successful TokenReviews by (cluster, SHA-256 of the token), so the CA
+	// keeps no bearer token in memory.
 	cache map[string]cachedReview
 
 	// auth is the signing authority, swapped by SetAuthority (a reloaded plug-in CA).
 	auth atomic.Pointer[Authority]
 }
 
+// cachedReview is one successful TokenReview: the identity it proved, until expires.
 type cachedReview struct {
 	id      mesh.Identity
 	expires time.Time
 }
 
-// NewServer validates cfg and returns a CA server.
+// NewServer validates cfg, fills in the documented defaults and registers the CA's
+// metrics (an error if cfg.Metrics already holds them) and returns a CA server.
 func NewServer(cfg ServerConfig) (*Server, error) {
 	if cfg.Authority == nil || cfg.Clusters == nil || cfg.LocalCluster == "" {
 		return nil, errors.New("trust: CA server: Authority, Clusters and LocalCluster are required")
@@ -120,9 +133,11 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		issued:  prometheus.NewCounter(prometheus.CounterOpts{Name: "isthmus_trust_certificates_issued_total", Help: "Workload certificates issued."}),
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "isthmus_trust_csr_refused_total", Help: "CSRs refused, by gRPC code."}, []string{"code"}),
 		reviews: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "isthmus_trust_token_reviews_total", Help: "Token authentications, by result (cached, reviewed, failed)."}, []string{"result"}),
+		certRefused: prometheus.NewCounter(prometheus.CounterOpts{Name: "isthmus_trust_client_certificates_refused_total",
+			Help: "Client certificates refused at the TLS handshake (expired, or not chaining to the trust anchors)."}),
 	}
 	s.auth.Store(cfg.Authority)
-	for _, c := range []prometheus.Collector{s.issued, s.refused, s.reviews} {
+	for _, c := range []prometheus.Collector{s.issued, s.refused, s.reviews, s.certRefused} {
 		if err := cfg.Metrics.Register(c); err != nil {
 			return nil, err
 		}
@@ -133,7 +148,26 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 // Register adds the service to a gRPC server.
 func (s *Server) Register(g *grpc.Server) { pb.RegisterIstioCertificateServiceServer(g, s) }
 
-// CreateCertificate implements the Istio CSR API.
+// authority returns the current signing authority. A caller reads it once per request
+// and uses that value throughout, so a concurrent SetAuthority never mixes two CAs.
+func (s *Server) authority() *Authority { return s.auth.Load() }
+
+// SetAuthority swaps the signing authority: requests already signing finish with the old
+// one, later ones use a. The trust domain must stay the same.
+func (s *Server) SetAuthority(a *Authority) error {
+	if a == nil {
+		return fmt.Errorf("trust: CA server: nil authority")
+	}
+	if cur := s.authority(); cur.TrustDomain != a.TrustDomain {
+		return fmt.Errorf("trust: CA server: new authority is for %s, the server signs for %s", a.TrustDomain, cur.TrustDomain)
+	}
+	s.auth.Store(a)
+	return nil
+}
+
+// CreateCertificate implements the Istio CSR API. Every refusal is a gRPC status with the
+// reason (see create), counted in isthmus_trust_csr_refused_total by code and logged;
+// nothing is issued unless the caller is authenticated and the CSR asks for its identity.
 func (s *Server) CreateCertificate(ctx context.Context, req *pb.IstioCertificateRequest) (*pb.IstioCertificateResponse, error) {
 	resp, err := s.create(ctx, req)
 	if err != nil {
@@ -146,6 +180,10 @@ func (s *Server) CreateCertificate(ctx context.Context, req *pb.IstioCertificate
 	return resp, nil
 }
 
+// create authenticates the caller, parses the CSR, bounds the validity and signs. It maps
+// the signer's sentinel errors to codes: ErrWrongIdentity → PermissionDenied, ErrBadCSR →
+// InvalidArgument, ErrSignerRefused → FailedPrecondition, a deadline → DeadlineExceeded,
+// anything else → Internal.
 func (s *Server) create(ctx context.Context, req *pb.IstioCertificateRequest) (*pb.IstioCertificateResponse, error) {
 	id, err := s.authenticate(ctx)
 	if err != nil {
@@ -161,12 +199,14 @@ func (s *Server) create(ctx context.Context, req *pb.IstioCertificateRequest) (*
 	} else if v > 0 {
 		ttl = min(time.Duration(v)*time.Second, s.cfg.MaxTTL)
 	}
-	var chain []string
+	// One signing path: the configured backend, else the current Authority (which
+	// implements Signer). The Authority is read once per request, so a SetAuthority
+	// during the call does not mix two CAs in one chain.
+	var signer Signer = s.authority()
 	if s.cfg.Signer != nil {
-		chain, err = s.cfg.Signer.Sign(ctx, csr, id, ttl)
-	} else {
-		chain, err = s.authority().Sign(csr, id, ttl)
+		signer = s.cfg.Signer
 	}
+	chain, err := signer.Sign(ctx, csr, id, ttl)
 	switch {
 	case errors.Is(err, ErrWrongIdentity):
 		return nil, status.Error(codes.PermissionDenied, err.Error())
@@ -209,6 +249,10 @@ func (s *Server) authenticate(ctx context.Context) (mesh.Identity, error) {
 	return s.review(ctx, cluster, token)
 }
 
+// peerIdentity returns the identity of a caller that presents a client certificate
+// chaining (for client auth) to any current trust anchor and naming exactly one SPIFFE
+// ID. Anything else — no TLS, no certificate, a chain to a retired root — is not an
+// error: the caller falls back to its token.
 func (s *Server) peerIdentity(ctx context.Context) (mesh.Identity, bool) {
 	p, ok := peer.FromContext(ctx)
 	if !ok {
@@ -234,7 +278,10 @@ func (s *Server) peerIdentity(ctx context.Context) (mesh.Identity, bool) {
 	return id, err == nil
 }
 
-// review checks token with a TokenReview in cluster, reusing a recent success.
+// review checks token with a TokenReview in cluster, reusing a recent success. The lock is
+// dropped for the review itself (an API call), so two first requests with one token may
+// both review it; the second result simply replaces the first. Failures are not cached:
+// a token that was just rejected is reviewed again next time.
 func (s *Server) review(ctx context.Context, cluster mesh.ClusterID, token string) (mesh.Identity, error) {
 	sum := sha256.Sum256([]byte(token))
 	key := string(cluster) + "/" + base64.RawStdEncoding.EncodeToString(sum[:])
@@ -313,4 +360,62 @@ func tokenExpiry(token string) (time.Time, bool) {
 		return time.Time{}, false
 	}
 	return time.Unix(claims.Exp, 0), true
+}
+
+// TrustStatus is what a CA serves right now (/debug/trustz).
+type TrustStatus struct {
+	TrustDomain string `json:"trustDomain"`
+	// Signer is the signing certificate's subject, serial and expiry.
+	Signer         string    `json:"signer"`
+	SignerNotAfter time.Time `json:"signerNotAfter"`
+	// Root is the fingerprint of the root the signer chains to; Anchors of every root
+	// handed to workloads.
+	Root    string   `json:"root"`
+	Anchors []string `json:"anchors"`
+}
+
+// Status returns what the server signs with and hands out.
+func (s *Server) Status() TrustStatus {
+	a := s.authority()
+	st := TrustStatus{TrustDomain: string(a.TrustDomain), Signer: fmt.Sprintf("%s (serial %s)", a.Cert.Subject, a.Cert.SerialNumber),
+		SignerNotAfter: a.Cert.NotAfter, Root: Fingerprint(a.Root.Raw)}
+	for _, c := range a.TrustAnchors() {
+		st.Anchors = append(st.Anchors, Fingerprint(c.Raw))
+	}
+	return st
+}
+
+// DebugHandler serves Status as JSON (mounted at /debug/trustz).
+func (s *Server) DebugHandler() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		var b bytes.Buffer
+		enc := json.NewEncoder(&b)
+		enc.SetIndent("", "  ")
+		enc.Encode(s.Status())
+		w.Header().Set("Content-Type", "application/json")
+		w.Write(b.Bytes())
+	})
+}
+
+// FetchStatus reads a CA's TrustStatus from its DebugHandler at url (a primary's
+// /debug/trustz): how `isthmus trust rotate` confirms that every CA serves a phase. A
+// status other than 200 is an error that says the primary may be running without a CA.
+func FetchStatus(ctx context.Context, client *http.Client, url string) (TrustStatus, error) {
+	var st TrustStatus
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return st, fmt.Errorf("trust: status: %w", err)
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return st, fmt.Errorf("trust: status: %w", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return st, fmt.Errorf("trust: status: %s: %s (is the primary running with --ca-dir?)", url, resp.Status)
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
+		return st, fmt.Errorf("trust: status from %s: %w", url, err)
+	}
+	return st, nil
 }

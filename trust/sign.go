@@ -1,9 +1,10 @@
 package trust
 
 import (
+	"bytes"
+	"context"
 	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
+	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
@@ -26,7 +27,7 @@ func ParseCSR(data []byte) (*x509.CertificateRequest, error) {
 	if block == nil {
 		return nil, fmt.Errorf("%w: no PEM block", ErrBadCSR)
 	}
-	if block.Type != "CERTIFICATE REQUEST" && block.Type != "NEW CERTIFICATE REQUEST" {
+	if block.Type != pemCSR && block.Type != "NEW CERTIFICATE REQUEST" {
 		return nil, fmt.Errorf("%w: PEM block is %q, want CERTIFICATE REQUEST", ErrBadCSR, block.Type)
 	}
 	if len(pemRest(rest)) > 0 {
@@ -40,13 +41,6 @@ func ParseCSR(data []byte) (*x509.CertificateRequest, error) {
 		return nil, fmt.Errorf("%w: signature: %v", ErrBadCSR, err)
 	}
 	return csr, nil
-}
-
-func pemRest(b []byte) []byte {
-	for len(b) > 0 && (b[0] == '\n' || b[0] == '\r' || b[0] == ' ' || b[0] == '\t') {
-		b = b[1:]
-	}
-	return b
 }
 
 // checkCSRIdentity allows a CSR only if it asks for exactly id (or for nothing, in which
@@ -63,10 +57,12 @@ func checkCSRIdentity(csr *x509.CertificateRequest, id mesh.Identity) error {
 	return nil
 }
 
-// Sign issues a leaf for id with the CSR's public key, valid for ttl (cut to the
+// Sign issues a leaf for id with the CSR's public key, valid for ttl from now (cut to the
 // authority's own expiry), and returns the chain leaf first, root last, in PEM. The CSR
-// must ask for id or for no name at all.
-func (a *Authority) Sign(csr *x509.CertificateRequest, id mesh.Identity, ttl time.Duration) ([]string, error) {
+// must ask for id or for no name at all. It implements Signer: the CA server signs with
+// its Authority through the same interface as with cert-manager. Signing is local and
+// never blocks, so ctx is not consulted.
+func (a *Authority) Sign(_ context.Context, csr *x509.CertificateRequest, id mesh.Identity, ttl time.Duration) ([]string, error) {
 	if id.TrustDomain != a.TrustDomain {
 		return nil, fmt.Errorf("%w: %s is outside this CA's trust domain %s", ErrWrongIdentity, id, a.TrustDomain)
 	}
@@ -80,30 +76,15 @@ func (a *Authority) Sign(csr *x509.CertificateRequest, id mesh.Identity, ttl tim
 	if err != nil {
 		return nil, fmt.Errorf("trust: identity %s: %w", id, err)
 	}
-	sn, err := serialNumber()
-	if err != nil {
-		return nil, err
-	}
-	// NotBefore is backdated a minute for clock skew; the validity runs from now.
-	now := time.Now().Add(-time.Minute)
-	notAfter := now.Add(time.Minute + ttl)
-	if notAfter.After(a.Cert.NotAfter) {
-		notAfter = a.Cert.NotAfter
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: sn,
-		NotBefore:    now,
-		NotAfter:     notAfter,
-		KeyUsage:     x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-		URIs:         []*url.URL{u},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, a.Cert, csr.PublicKey, a.Key)
+	leaf, err := issueDER(&x509.Certificate{
+		KeyUsage:    x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		URIs:        []*url.URL{u},
+	}, csr.PublicKey, ttl, a, nil)
 	if err != nil {
 		return nil, fmt.Errorf("trust: sign for %s: %w", id, err)
 	}
-	chain := []string{string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}))}
-	chain = append(chain, string(certPEM(a.Cert))) // the root itself when a is a root
+	chain := []string{string(pem.EncodeToMemory(&pem.Block{Type: pemCertificate, Bytes: leaf})), string(certPEM(a.Cert))} // a.Cert is the root itself when a is a root
 	for _, c := range a.Chain {
 		chain = append(chain, string(certPEM(c)))
 	}
@@ -116,33 +97,23 @@ func (a *Authority) Sign(csr *x509.CertificateRequest, id mesh.Identity, ttl tim
 }
 
 // IssueServing issues a TLS server certificate for the CA's own endpoints (for example
-// istiod.istio-system.svc on port 15012), with DNS names. Workload CSRs never get DNS
-// names; this is for the control plane only.
+// istiod.istio-system.svc on port 15012), with DNS names and a fresh key. It returns the
+// chain leaf first and without the root (a TLS server sends what the client cannot
+// already hold). Workload CSRs never get DNS names; this is for the control plane only.
 func (a *Authority) IssueServing(dnsNames []string, ttl time.Duration) (certPEMs [][]byte, key *ecdsa.PrivateKey, err error) {
-	key, err = ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	key, err = newKey()
 	if err != nil {
 		return nil, nil, err
 	}
-	sn, err := serialNumber()
-	if err != nil {
-		return nil, nil, err
-	}
-	// NotBefore is backdated a minute for clock skew; the validity runs from now.
-	now := time.Now().Add(-time.Minute)
-	notAfter := now.Add(time.Minute + ttl)
-	if notAfter.After(a.Cert.NotAfter) {
-		notAfter = a.Cert.NotAfter
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: sn, NotBefore: now, NotAfter: notAfter, DNSNames: dnsNames,
+	leaf, err := issue(&x509.Certificate{
+		DNSNames:    dnsNames,
 		KeyUsage:    x509.KeyUsageDigitalSignature,
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, a.Cert, key.Public(), a.Key)
+	}, key.Public(), ttl, a, nil)
 	if err != nil {
 		return nil, nil, fmt.Errorf("trust: issue serving certificate: %w", err)
 	}
-	certPEMs = append(certPEMs, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}))
+	certPEMs = append(certPEMs, certPEM(leaf))
 	if a.Cert != a.Root {
 		certPEMs = append(certPEMs, certPEM(a.Cert))
 		for _, c := range a.Chain[:len(a.Chain)-1] { // not the root
@@ -150,4 +121,30 @@ func (a *Authority) IssueServing(dnsNames []string, ttl time.Duration) (certPEMs
 		}
 	}
 	return certPEMs, key, nil
+}
+
+// ServingNames are the DNS names the primary's CA serving certificate carries: Istio's
+// (istiod.<namespace>.svc, with and without the cluster domain, which istio-agent and
+// grpc-go's bootstrap dial), Isthmus's own Service name, and localhost for a primary run
+// on the host.
+func ServingNames(namespace, domain string) []string {
+	return []string{"istiod." + namespace + ".svc", "istiod." + namespace + ".svc." + domain, "isthmus-primary." + namespace + ".svc", "localhost"}
+}
+
+// ServingCertificate issues a serving certificate for dnsNames (IssueServing) and
+// assembles it, with its key, into the tls.Certificate a gRPC or HTTPS server presents.
+func (a *Authority) ServingCertificate(dnsNames []string, ttl time.Duration) (tls.Certificate, error) {
+	certs, key, err := a.IssueServing(dnsNames, ttl)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	kp, err := keyPEM(key)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	tc, err := tls.X509KeyPair(bytes.Join(certs, nil), kp)
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("trust: serving certificate: %w", err)
+	}
+	return tc, nil
 }

@@ -18,5 +18,9 @@ type Signer interface {
 	Sign(ctx context.Context, csr *x509.CertificateRequest, id mesh.Identity, ttl time.Duration) ([]string, error)
 }
 
+// An Authority signs locally; the CA server uses it through this interface when no other
+// backend is configured.
+var _ Signer = (*Authority)(nil)
+
 // ErrSignerRefused is wrapped when a signing backend denies or fails a request.
 var ErrSignerRefused = errors.New("trust: the signer refused the request")

@@ -18,6 +18,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/isthmus-mesh/isthmus/internal/istiocrd"
 	"github.com/isthmus-mesh/isthmus/internal/kubebin"
 	"github.com/isthmus-mesh/isthmus/internal/kubelocal"
 )
@@ -41,6 +42,8 @@ func defaultStateDir() string {
 	return filepath.Join(home, ".local", "state", "isthmus", "clusters")
 }
 
+// newClusterCommand groups the local-cluster commands; --state-dir (default
+// defaultStateDir) is where all of them find the clusters.
 func newClusterCommand() *cobra.Command {
 	var stateDir string
 	cmd := &cobra.Command{
@@ -126,6 +129,12 @@ func newClusterUpCommand(stateDir *string) *cobra.Command {
 	return cmd
 }
 
+// clusterUp starts n more detached clusters named <prefix>-<i> beside those already in
+// stateDir (names in use are skipped, never restarted), builds the binaries first if they
+// are missing, and prints the new clusters. Cluster i gets pod range 10.(9+i).0.0/16 and
+// zone local-<i>, so the clusters of one mesh never share pod IPs. If any fails to start,
+// none is left running: their directories move to <stateDir>/.failed-<time> with the
+// components' logs, where list and down do not look.
 func clusterUp(ctx context.Context, stdout, stderr io.Writer, stateDir, prefix string, n int, out printer) error {
 	exe, err := os.Executable()
 	if err != nil {
@@ -192,6 +201,14 @@ func clusterUp(ctx context.Context, stdout, stderr io.Writer, stateDir, prefix s
 		return fmt.Errorf("%w\nthe components' logs are kept in %s/<cluster>/logs; fix the cause and run `isthmus cluster up` again", err, failed)
 	}
 	fmt.Fprintf(stderr, "%d cluster(s) ready in %s\n", len(clusters), time.Since(start).Round(10*time.Millisecond))
+	// Istio's own CRDs, so that users' VirtualServices and DestinationRules are validated
+	// and stored as on a cluster with Istio installed.
+	for _, c := range clusters {
+		if err := istiocrd.Apply(ctx, c.RESTConfig()); err != nil {
+			return fmt.Errorf("cluster %s: %w (the cluster keeps running; `isthmus cluster down` removes it)", c.Name, err)
+		}
+	}
+	fmt.Fprintf(stderr, "Istio's VirtualService and DestinationRule CRDs installed\n")
 	infos := make([]clusterInfo, 0, len(clusters))
 	for _, c := range clusters {
 		s, err := kubelocal.LoadState(c.Dir)
@@ -209,6 +226,7 @@ func clusterUp(ctx context.Context, stdout, stderr io.Writer, stateDir, prefix s
 	return nil
 }
 
+// newClusterListCommand lists the detached clusters recorded in stateDir.
 func newClusterListCommand(stateDir *string) *cobra.Command {
 	var out printer
 	cmd := &cobra.Command{
@@ -239,6 +257,9 @@ func newClusterListCommand(stateDir *string) *cobra.Command {
 	return cmd
 }
 
+// newClusterDownCommand stops the named clusters (all without names) and removes their
+// directories. It goes on past a cluster that fails to stop and reports every failure; an
+// unknown name fails before anything is stopped.
 func newClusterDownCommand(stateDir *string) *cobra.Command {
 	return &cobra.Command{
 		Use:   "down [NAME...]",
@@ -280,6 +301,8 @@ func newClusterDownCommand(stateDir *string) *cobra.Command {
 	}
 }
 
+// newNodeAgentCommand is the process `cluster up` starts per cluster (kubelocal's
+// AgentCommand): it registers the node and plays the kubelet for pods until interrupted.
 func newNodeAgentCommand() *cobra.Command {
 	var (
 		kubeconfig, node, podCIDR, region, zone string
@@ -323,6 +346,8 @@ func newNodeAgentCommand() *cobra.Command {
 	return cmd
 }
 
+// newClusterBinariesCommand builds the cluster binaries into the cache if missing (a lock
+// makes a second caller wait for the first build) and prints their paths.
 func newClusterBinariesCommand() *cobra.Command {
 	var out printer
 	cmd := &cobra.Command{

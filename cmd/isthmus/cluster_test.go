@@ -98,6 +98,8 @@ func TestClusterUpListDown(t *testing.T) {
 		if out := kubectl(c.Kubeconfig, "get", "ns"); !strings.Contains(out, "kube-system") {
 			t.Errorf("%s: kubectl get ns:\n%s", c.Name, out)
 		}
+		// Istio's CRDs are installed, so users' Istio YAML applies as on a real cluster.
+		kubectl(c.Kubeconfig, "get", "crd", "virtualservices.networking.istio.io", "destinationrules.networking.istio.io")
 	}
 	// The detached node agent keeps working after `up` has returned.
 	kc := up.Clusters[1].Kubeconfig

@@ -14,6 +14,9 @@ import (
 // version is set at link time (-X main.version=...); "dev" for source builds.
 var version = "dev"
 
+// main runs the command tree with a context that SIGINT and SIGTERM cancel: daemons shut
+// down gracefully, CLI commands stop waiting. The error is printed once, here (commands
+// are silenced), and an exitError chooses the exit code; any other error exits 1.
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -34,9 +37,15 @@ type exitError struct {
 	err  error
 }
 
+// Error is the wrapped error's message.
 func (e exitError) Error() string { return e.err.Error() }
+
+// Unwrap lets errors.Is and errors.As see the wrapped error.
 func (e exitError) Unwrap() error { return e.err }
 
+// newRootCommand is the whole command tree: every subcommand is registered here and
+// nowhere else. Usage is not printed on an error (it buries the message), nor are errors
+// printed by cobra (main prints them).
 func newRootCommand() *cobra.Command {
 	root := &cobra.Command{
 		Use:   "isthmus",
@@ -53,10 +62,13 @@ Start here:
 		SilenceErrors: true,
 	}
 	root.AddCommand(newClusterCommand(), newPrimaryCommand(), newGatewayCommand(), newRemoteSecretCommand(), newStatusCommand(), newTrustCommand(), newVersionCommand(),
-		newUpCommand(), newDownCommand(), newScenarioCommand(), newWorkloadCommand())
+		newUpCommand(), newDownCommand(), newScenarioCommand(), newWorkloadCommand(), newAgentCommand(), newMeshCommand(),
+		newInstallCommand(), newUninstallCommand(), newImageCommand())
 	return root
 }
 
+// newVersionCommand prints version and the Kubernetes and etcd versions the local
+// clusters are built from.
 func newVersionCommand() *cobra.Command {
 	return &cobra.Command{
 		Use:   "version",

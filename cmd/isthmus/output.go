@@ -15,6 +15,8 @@ type printer struct {
 	format string
 }
 
+// validate refuses an unknown -o. Commands call it before they do anything, so a typo
+// in -o never follows a change that was already made.
 func (p printer) validate() error {
 	switch p.format {
 	case "", "json", "yaml":
@@ -23,7 +25,9 @@ func (p printer) validate() error {
 	return fmt.Errorf("unknown output format %q: use -o json, -o yaml or leave it out for a table", p.format)
 }
 
-// print writes v as json or yaml, or calls table for the tabular form.
+// print writes v as json or yaml, or calls table for the tabular form (a nil table means
+// the command has no table: -o is then required). The json and yaml forms use v's field
+// tags, so they are the stable, scriptable output; the table may change.
 func (p printer) print(w io.Writer, v any, table func(tw *tabwriter.Writer)) error {
 	switch p.format {
 	case "json":

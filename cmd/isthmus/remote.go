@@ -6,12 +6,12 @@ import (
 
 	"github.com/spf13/cobra"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/isthmus-mesh/isthmus/mesh"
 	"github.com/isthmus-mesh/isthmus/remote"
 )
 
+// newRemoteSecretCommand groups the remote-secret commands.
 func newRemoteSecretCommand() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "remote-secret",
@@ -21,6 +21,9 @@ func newRemoteSecretCommand() *cobra.Command {
 	return cmd
 }
 
+// newRemoteSecretCreateCommand runs remote.Create against the remote cluster and prints
+// the Secret to stdout (progress to stderr), so that its output can be piped straight
+// into kubectl apply in the primary's cluster.
 func newRemoteSecretCreateCommand() *cobra.Command {
 	var (
 		kubeconfig, kubeContext, name string
@@ -37,9 +40,16 @@ account that may only list and watch services, EndpointSlices, pods, nodes, name
 multi-cluster service exports, and create TokenReviews; requests a token for it; and prints
 a Secret in the format istioctl writes (label istio/multiCluster=true, annotation
 networking.istio.io/cluster, one kubeconfig under the cluster ID). Apply the output in the
-primary's cluster. Running it again issues a new token and resets the RBAC rules.`,
+primary's cluster. Running it again issues a new token and resets the RBAC rules.
+
+--rights istio grants what istiod's remote reader needs instead (the reader's rights plus
+list and watch of Secrets and CustomResourceDefinitions, and of ConfigMaps in --namespace,
+which must be istiod's system namespace), so that one secret serves an Isthmus primary and
+istiod alike; it reads every Secret of the cluster, so it is not the default. Running
+create again with the default rights takes them away.`,
 		Example: `  isthmus remote-secret create --kubeconfig remote.kubeconfig --name cluster-2 | kubectl --kubeconfig primary.kubeconfig apply -f -
-  isthmus remote-secret create --context east --name east --server https://api.east.example.com:6443`,
+  isthmus remote-secret create --context east --name east --server https://api.east.example.com:6443
+  isthmus remote-secret create --kubeconfig remote.kubeconfig --name cluster-2 --rights istio | kubectl --kubeconfig istiod-cluster.kubeconfig apply -f -`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if out.format == "" {
@@ -53,12 +63,9 @@ primary's cluster. Running it again issues a new token and resets the RBAC rules
 				return fmt.Errorf("--name: %w", err)
 			}
 			opts.Cluster = id
-			rules := clientcmd.NewDefaultClientConfigLoadingRules()
-			rules.ExplicitPath = kubeconfig
-			cc := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules, &clientcmd.ConfigOverrides{CurrentContext: kubeContext})
-			rc, err := cc.ClientConfig()
+			rc, err := kubeConfig(kubeconfig, kubeContext)
 			if err != nil {
-				return fmt.Errorf("load kubeconfig of the remote cluster: %w", err)
+				return fmt.Errorf("the remote cluster: %w", err)
 			}
 			cs, err := kubernetes.NewForConfig(rc)
 			if err != nil {
@@ -80,6 +87,8 @@ primary's cluster. Running it again issues a new token and resets the RBAC rules
 	f.StringVar(&opts.Namespace, "namespace", remote.DefaultNamespace, "namespace of the reader service account and of the secret")
 	f.StringVar(&opts.ServiceAccount, "service-account", remote.DefaultServiceAccount, "name of the reader service account")
 	f.StringVar(&opts.Server, "server", "", "API server URL the primary should use, when it differs from the kubeconfig's")
+	f.StringVar(&opts.Type, "type", remote.TypeRemote, "remote: a cluster the primary discovers; config: the config cluster of an external control plane (also lists and watches Istio config, and the secrets of --namespace)")
+	f.StringVar(&opts.Rights, "rights", remote.RightsIsthmus, "isthmus: what an Isthmus primary reads (least privilege); istio: what istiod's remote reader reads as well (Secrets, CRDs, ConfigMaps in --namespace), for running or migrating to istiod")
 	f.StringVar(&opts.TLSServerName, "tls-server-name", "", "server name to verify the API server certificate against")
 	f.DurationVar(&opts.TokenDuration, "token-duration", remote.DefaultTokenDuration, "requested token lifetime")
 	f.StringVarP(&out.format, "output", "o", "yaml", "output format: yaml or json")

@@ -156,17 +156,44 @@ func newScenarioShowCommand() *cobra.Command {
 
 func newScenarioRunCommand() *cobra.Command {
 	var (
-		f   scenarioFlags
-		out printer
+		f      scenarioFlags
+		out    printer
+		faults []string
+		soak   time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "run [NAME]",
-		Short: "Bring a scenario up, check every expectation, tear it down; exit 0 only if all hold",
+		Short: "Bring a scenario up, check every expectation (and its faults under load), tear it down; exit 0 only if all hold",
 		Long: `Bring a scenario up on local clusters, call every service from a client in every
 cluster, compare who answered, by which path and with which identities with the
 topology's expectations, print the table and tear everything down.
 
-Exit codes: 0 every expectation holds; 1 some cell failed or the scenario could not start.`,
+When the topology has faults, or --fault adds some, the run then puts load on the mesh
+(every client calls every service at load.rate per second through grpc-go's proxyless
+xDS client), applies each fault at its start and restores it at its end, and prints a
+timeline per client and service: calls, failures, p50/p99 and who answered by which
+path, for the phase before the faults, during each and after each, judged against the
+topology's phase expectations. A fault without expectations is expected to leave every
+call succeeding from 10s after it ends.
+
+A fault is KIND:TARGET@START+DURATION, optionally NAME=KIND:TARGET@START+DURATION:
+  partition:NETWORK        every link of the network's namespace cut, then restored
+  gateway-kill:NETWORK     the network's east-west gateway killed, then a new one started
+  primary-kill:CLUSTER     the cluster's primary killed, then started on the same addresses
+  apiserver-stop:CLUSTER   the cluster's API server stopped, then started
+  ca-unreachable:CLUSTER   the path from the cluster's workloads to its CA cut, then restored
+  root-rotation:mesh       the mesh's root rotated (publish, reissue, retire) within DURATION
+START counts from the start of the load. Faults are validated with the topology before
+anything starts.
+
+--duration makes it a soak: the load runs that long, the faults repeat every cycle, and
+the report adds the memory (RSS) and goroutines of every Isthmus process at the start
+and the end.
+
+Exit codes: 0 every expectation holds; 1 some cell or phase failed or the scenario could not start.`,
+		Example: `  isthmus scenario run multi-network --fault gateway-kill:network-2@10s+15s
+  isthmus scenario run multi-primary-faults -o json
+  isthmus scenario run multi-network-faults --duration 10m`,
 		Args: cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if err := out.validate(); err != nil {
@@ -174,6 +201,9 @@ Exit codes: 0 every expectation holds; 1 some cell failed or the scenario could 
 			}
 			t, err := f.topology(args)
 			if err != nil {
+				return err
+			}
+			if err := addFaults(t, faults, soak); err != nil {
 				return err
 			}
 			runDir := filepath.Join(f.dir, t.Name+"-run-"+fmt.Sprint(os.Getpid()))
@@ -186,13 +216,41 @@ Exit codes: 0 every expectation holds; 1 some cell failed or the scenario could 
 			if err != nil {
 				return err
 			}
-			if rep.Passed {
+			res := scenarioResult{Report: rep}
+			if rep.Passed && (len(t.Faults) > 0 || soak > 0) {
+				start := time.Now()
+				progress := func(s string) { fmt.Fprintf(cmd.ErrOrStderr(), "[%5.1fs] %s\n", time.Since(start).Seconds(), s) }
+				if res.Faults, err = r.RunFaults(cmd.Context(), scenarios.FaultOptions{Soak: soak, Progress: progress}); err != nil {
+					return err
+				}
+			}
+			if rep.Passed && t.Traffic != nil {
+				start := time.Now()
+				progress := func(s string) { fmt.Fprintf(cmd.ErrOrStderr(), "[%5.1fs] %s\n", time.Since(start).Seconds(), s) }
+				if res.Traffic, err = r.RunTraffic(cmd.Context(), scenarios.TrafficOptions{Timeout: f.timeout, Progress: progress}); err != nil {
+					return err
+				}
+			}
+			passed := rep.Passed && (res.Faults == nil || res.Faults.Passed) && (res.Traffic == nil || res.Traffic.Passed)
+			if passed {
 				defer os.RemoveAll(runDir) // after Close; a failed run keeps its logs
 			}
-			if err := out.print(cmd.OutOrStdout(), rep, func(tw *tabwriter.Writer) { rep.WriteTable(tw) }); err != nil {
+			if err := out.print(cmd.OutOrStdout(), res, func(tw *tabwriter.Writer) {
+				rep.WriteTable(tw)
+				if res.Faults != nil {
+					tw.Flush()
+					fmt.Fprintln(tw)
+					res.Faults.WriteTable(tw)
+				}
+				if res.Traffic != nil {
+					tw.Flush()
+					fmt.Fprintln(tw)
+					res.Traffic.WriteTable(tw)
+				}
+			}); err != nil {
 				return err
 			}
-			if !rep.Passed {
+			if !passed {
 				return exitError{code: 1, err: fmt.Errorf("scenario %s: expectations failed; logs are in %s", t.Name, runDir)}
 			}
 			return nil
@@ -200,7 +258,43 @@ Exit codes: 0 every expectation holds; 1 some cell failed or the scenario could 
 	}
 	f.register(cmd, "multi-network")
 	cmd.Flags().StringVarP(&out.format, "output", "o", "", "output format: json or yaml (default: table)")
+	cmd.Flags().StringArrayVar(&faults, "fault", nil, "[NAME=]KIND:TARGET@START+DURATION: a fault to apply under load (repeatable; see above)")
+	cmd.Flags().DurationVar(&soak, "duration", 0, "soak: run the load this long, repeating the faults, and report every process's memory and goroutines")
 	return cmd
+}
+
+// scenarioResult is what `scenario run` prints: the reachability matrix and, for a run
+// with faults, their timeline.
+type scenarioResult struct {
+	*scenarios.Report
+	Faults  *scenarios.FaultReport   `json:"faults,omitempty"`
+	Traffic *scenarios.TrafficReport `json:"traffic,omitempty"`
+}
+
+// addFaults adds the --fault specs to t and validates the whole again, so that a bad
+// fault is refused with its place before anything starts.
+func addFaults(t *scenarios.Topology, specs []string, soak time.Duration) error {
+	if soak < 0 {
+		return fmt.Errorf("--duration %s: must be positive", soak)
+	}
+	first := len(t.Faults)
+	for _, s := range specs {
+		f, err := scenarios.ParseFault(s)
+		if err != nil {
+			return fmt.Errorf("--fault: %w", err)
+		}
+		t.Faults = append(t.Faults, f)
+	}
+	if err := t.Validate(); err != nil {
+		if len(specs) > 0 {
+			return fmt.Errorf("%w\n  (faults[%d] and after are the --fault flags, in order)", err, first)
+		}
+		return err
+	}
+	if soak > 0 && soak < t.RunLength() && len(t.Faults) > 0 {
+		return fmt.Errorf("--duration %s is shorter than one cycle of the faults (%s)", soak, t.RunLength())
+	}
+	return nil
 }
 
 // upState is what a running `isthmus up` records, so that `isthmus down` and a second
@@ -254,6 +348,9 @@ func explore(r *scenarios.Run, name string) string {
 			fmt.Fprintf(&b, "  isthmus status --primary %s    # primary of %s: xDS %s, CA %s\n", p.Addresses["http"], c.Name, p.Addresses["xds"], p.Addresses["ca"])
 			fmt.Fprintf(&b, "    debug: http://%s/debug/clusterz  /debug/registryz  /debug/proxyz  /metrics\n", p.Addresses["http"])
 		}
+	}
+	for _, c := range r.Topology.Clusters {
+		fmt.Fprintf(&b, "  %s's pods get xDS and certificates from: %s\n", c.Name, r.ControlPlaneOf(c.Name))
 	}
 	for _, n := range r.Topology.Networks {
 		if g, ok := r.Gateways[n.Name]; ok {

@@ -59,6 +59,24 @@ func TestScenarioCLI(t *testing.T) {
 		}
 	})
 
+	t.Run("bad faults are refused before anything starts", func(t *testing.T) {
+		start := time.Now()
+		_, stderr, err := run(t, bin, "scenario", "run", "multi-network", "--state-dir", t.TempDir(),
+			"--fault", "gateway-kill:network-9@5s+10s", "--fault", "primary-kill:cluster-1@5s+0s", "--fault", "partition:network-2@1s+10s", "--fault", "partition:network-2@5s+10s")
+		for _, want := range []string{`faults[0]: target: unknown network "network-9"`, "faults[1].duration: 0s is not positive",
+			"faults[2] and faults[3]: partition-network-2 (1s–11s) and partition-network-2 (5s–15s) overlap on the links of network-2", "are the --fault flags"} {
+			if exitCode(err) != 1 || !strings.Contains(stderr, want) {
+				t.Errorf("exit %d, stderr lacks %q:\n%s", exitCode(err), want, stderr)
+			}
+		}
+		if _, stderr, err := run(t, bin, "scenario", "run", "--fault", "gateway-kill:network-2", "--state-dir", t.TempDir()); exitCode(err) != 1 || !strings.Contains(stderr, "KIND:TARGET@START+DURATION") {
+			t.Errorf("a fault without its time: exit %d, %s", exitCode(err), stderr)
+		}
+		if time.Since(start) > 10*time.Second {
+			t.Errorf("refusal took %s: something started", time.Since(start))
+		}
+	})
+
 	if testing.Short() {
 		t.Skip("integration test: starts real clusters; runs without -short")
 	}

@@ -15,6 +15,8 @@ import (
 	"github.com/isthmus-mesh/isthmus/primary"
 )
 
+// newStatusCommand prints a running primary's /debug/clusterz: a table, or the
+// primary's own JSON shape with -o json|yaml.
 func newStatusCommand() *cobra.Command {
 	var (
 		addr string
@@ -22,7 +24,7 @@ func newStatusCommand() *cobra.Command {
 	)
 	cmd := &cobra.Command{
 		Use:   "status",
-		Short: "Show a running primary's clusters: link state, last sync, staleness, endpoints, errors",
+		Short: "Show a running primary's clusters (link state, last sync, staleness, endpoints, errors) and its authenticated proxies",
 		Example: `  isthmus status --primary http://localhost:15014
   isthmus status --primary http://10.0.0.5:15014 -o json`,
 		Args: cobra.NoArgs,
@@ -56,6 +58,12 @@ func newStatusCommand() *cobra.Command {
 					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\n", s.ID, s.Source, state, age(s.Since), ago(s.LastSync),
 						dash(s.Staleness), s.Services, s.Endpoints, dash(oneLine(errText)))
 				}
+				if len(cz.Proxies) > 0 {
+					fmt.Fprintln(tw, "\nPROXY\tKIND\tIDENTITY\tAUTH\tCLUSTER\tNETWORK\tPATH\tPEER")
+					for _, p := range cz.Proxies {
+						fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.ID, p.Kind, p.Identity, p.Auth, p.Cluster, dash(string(p.Network)), p.Path, p.Peer)
+					}
+				}
 			})
 		},
 	}
@@ -64,6 +72,9 @@ func newStatusCommand() *cobra.Command {
 	return cmd
 }
 
+// fetchClusterz reads addr's /debug/clusterz (addr with or without http://) within ten
+// seconds. Every failure says what to check: whether the primary runs, whether addr is
+// its --http-address, or what it answered.
 func fetchClusterz(ctx context.Context, addr string) (*primary.ClusterzResponse, error) {
 	if !strings.Contains(addr, "://") {
 		addr = "http://" + addr
@@ -90,6 +101,7 @@ func fetchClusterz(ctx context.Context, addr string) (*primary.ClusterzResponse,
 	return &cz, nil
 }
 
+// ago is age(t) + " ago", or "never" for the zero time (a cluster not yet synced).
 func ago(t time.Time) string {
 	if t.IsZero() {
 		return "never"
@@ -97,6 +109,7 @@ func ago(t time.Time) string {
 	return age(t) + " ago"
 }
 
+// dash shows an empty table cell as "-", so columns stay aligned and readable.
 func dash(s string) string {
 	if s == "" {
 		return "-"
@@ -104,6 +117,8 @@ func dash(s string) string {
 	return s
 }
 
+// oneLine fits an error into one table cell: newlines become spaces, and it is cut to
+// 120 characters (-o json keeps it whole).
 func oneLine(s string) string {
 	s = strings.ReplaceAll(s, "\n", " ")
 	if len(s) > 120 {

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"net/http"
 	"os"
@@ -11,22 +10,25 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
-	corev1 "k8s.io/api/core/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/isthmus-mesh/isthmus/mesh"
 	"github.com/isthmus-mesh/isthmus/trust"
 )
 
+// newTrustCommand groups the CA and bundle commands. They work on files and on the API
+// server only; none of them talks to a running primary except rotate, which reads each
+// primary's /debug/trustz to confirm a phase.
 func newTrustCommand() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "trust",
 		Short: "Manage the mesh's roots of trust and per-cluster intermediate CAs",
 	}
-	cmd.AddCommand(newTrustInitRootCommand(), newTrustIntermediateCommand(), newTrustRotateCommand(), newTrustBundleCommand())
+	cmd.AddCommand(newTrustInitRootCommand(), newTrustIntermediateCommand(), newTrustRotateCommand(), newTrustBundleCommand(), newTrustFederateCommand(), newTrustStatusCommand())
 	return cmd
 }
 
+// newTrustInitRootCommand writes a new root to --out-dir. It refuses a directory that
+// already holds a CA key, so a typo can never replace the mesh's root.
 func newTrustInitRootCommand() *cobra.Command {
 	var (
 		td, dir string
@@ -66,6 +68,10 @@ signs every cluster's intermediate (isthmus trust intermediate).`,
 	return cmd
 }
 
+// newTrustIntermediateCommand issues one cluster's intermediate from the root in
+// --root-dir, as files (--out-dir) or as the Secret cacerts on stdout (-o), exactly one
+// of the two. Unlike init-root it overwrites --out-dir: a reissued intermediate replaces
+// the old one there.
 func newTrustIntermediateCommand() *cobra.Command {
 	var (
 		rootDir, cluster, outDir, namespace string
@@ -108,14 +114,9 @@ domain). Writes Istio's plug-in CA layout to --out-dir, or prints the Secret "ca
 				fmt.Fprintf(cmd.OutOrStdout(), "intermediate CA for cluster %s (trust domain %s) written to %s\n", id, inter.TrustDomain, outDir)
 				return nil
 			}
-			files, err := inter.PluggedFiles()
+			secret, err := inter.PluggedSecret(namespace, id)
 			if err != nil {
 				return err
-			}
-			secret := &corev1.Secret{
-				TypeMeta:   metav1.TypeMeta{APIVersion: "v1", Kind: "Secret"},
-				ObjectMeta: metav1.ObjectMeta{Name: trust.SecretName, Namespace: namespace, Labels: map[string]string{"app.kubernetes.io/managed-by": "isthmus", "topology.istio.io/cluster": string(id)}},
-				Data:       files,
 			}
 			return out.print(cmd.OutOrStdout(), secret, nil)
 		},
@@ -131,9 +132,13 @@ domain). Writes Istio's plug-in CA layout to --out-dir, or prints the Secret "ca
 	return cmd
 }
 
+// newTrustRotateCommand maps its flags to trust.RotationConfig and runs trust.Rotate.
+// Every --ca-dir must name a cluster that also has a --primary and must hold a valid CA,
+// checked before the rotation starts, so that a wrong flag cannot leave it half-done.
 func newTrustRotateCommand() *cobra.Command {
 	var (
 		caDirs, primaries []string
+		peers             []string
 		stateFile         string
 		cfg               trust.RotationConfig
 	)
@@ -157,6 +162,7 @@ again to resume an interrupted rotation.`,
     --ca-dir cluster-2=/etc/isthmus/ca-2 --primary cluster-2=10.0.1.5:15014`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			var err error
 			urls := map[mesh.ClusterID]string{}
 			for _, p := range primaries {
 				id, addr, err := clusterPair("--primary", p)
@@ -185,19 +191,14 @@ again to resume an interrupted rotation.`,
 				return fmt.Errorf("--state FILE is required (it makes the rotation resumable)")
 			}
 			cfg.StateFile = stateFile
+			if len(peers) > 0 {
+				if cfg.Peers, cfg.PeerRoots, err = peerRoots(peers); err != nil {
+					return err
+				}
+			}
 			client := &http.Client{Timeout: 5 * time.Second}
 			cfg.Status = func(ctx context.Context, id mesh.ClusterID) (trust.TrustStatus, error) {
-				var st trust.TrustStatus
-				req, _ := http.NewRequestWithContext(ctx, http.MethodGet, urls[id], nil)
-				resp, err := client.Do(req)
-				if err != nil {
-					return st, err
-				}
-				defer resp.Body.Close()
-				if resp.StatusCode != http.StatusOK {
-					return st, fmt.Errorf("%s: %s (is the primary running with --ca-dir?)", urls[id], resp.Status)
-				}
-				return st, json.NewDecoder(resp.Body).Decode(&st)
+				return trust.FetchStatus(ctx, client, urls[id])
 			}
 			start := time.Now()
 			cfg.Progress = func(s string) { fmt.Fprintf(cmd.OutOrStdout(), "[%s] %s\n", time.Since(start).Round(time.Second), s) }
@@ -208,6 +209,7 @@ again to resume an interrupted rotation.`,
 	f.StringSliceVar(&caDirs, "ca-dir", nil, "CLUSTER=DIR: a cluster's plug-in CA directory (repeatable)")
 	f.StringSliceVar(&primaries, "primary", nil, "CLUSTER=HOST:PORT: the HTTP address of the primary serving that CA (repeatable)")
 	f.StringVar(&stateFile, "state", "", "file that records progress (resume by running again)")
+	f.StringSliceVar(&peers, "peer-primary", nil, "NAME=HOST:PORT: the HTTP address of a primary of another trust domain federated with this one; each phase waits until it holds the new bundle (repeatable)")
 	// Leaves live 24 h by default and renew at half-life, so 13 h reaches every workload.
 	f.DurationVar(&cfg.Publish, "publish", 13*time.Hour, "how long the new root is published before intermediates are reissued (at least half the leaf TTL)")
 	f.DurationVar(&cfg.Reissue, "reissue", 13*time.Hour, "how long leaves get to renew under the new root before the old one is retired")
@@ -215,7 +217,8 @@ again to resume an interrupted rotation.`,
 	return cmd
 }
 
-// clusterPair splits CLUSTER=VALUE.
+// clusterPair splits CLUSTER=VALUE, the form of every repeatable per-cluster flag, with
+// the cluster ID parsed and the flag named in the error.
 func clusterPair(flag, s string) (mesh.ClusterID, string, error) {
 	k, v, ok := strings.Cut(s, "=")
 	if !ok || v == "" {

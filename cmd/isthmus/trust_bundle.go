@@ -1,18 +1,13 @@
 package main
 
 import (
-	"crypto/x509"
-	"encoding/pem"
 	"errors"
 	"fmt"
-	"os"
 	"sort"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
-	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/isthmus-mesh/isthmus/mesh"
 	"github.com/isthmus-mesh/isthmus/trust"
@@ -23,12 +18,14 @@ type bundleFlags struct {
 	kubeconfig, kubeContext, namespace string
 }
 
+// register adds the shared flags to one subcommand.
 func (f *bundleFlags) register(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig of the cluster whose bundles to manage")
 	cmd.Flags().StringVar(&f.kubeContext, "context", "", "context in the kubeconfig")
 	cmd.Flags().StringVar(&f.namespace, "namespace", "istio-system", "control-plane namespace holding the "+trust.BundleConfigMap+" ConfigMap")
 }
 
+// store is the bundle store the flags name.
 func (f *bundleFlags) store() (trust.BundleStore, error) {
 	c, err := kubeClient(f.kubeconfig, f.kubeContext)
 	if err != nil {
@@ -37,7 +34,9 @@ func (f *bundleFlags) store() (trust.BundleStore, error) {
 	return trust.BundleStore{Client: c, Namespace: f.namespace}, nil
 }
 
-// update applies change to the store, then says done and prints the bundles.
+// update applies change to the store (trust.BundleStore.Update: checked as a whole,
+// written at the version read, retried on conflict, nothing written on refusal), then
+// says done and prints the bundles as they were written. change may run more than once.
 func (f *bundleFlags) update(cmd *cobra.Command, change func(*trust.BundleSet) error, done string) error {
 	s, err := f.store()
 	if err != nil {
@@ -51,14 +50,19 @@ func (f *bundleFlags) update(cmd *cobra.Command, change func(*trust.BundleSet) e
 	return printBundles(cmd, printer{}, set)
 }
 
+// newTrustBundleCommand groups the bundle-store commands.
 func newTrustBundleCommand() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "bundle",
-		Short: "Show and change the trust bundles (peer trust domains' roots) a cluster's workloads trust",
+		Short: "Show and change a cluster's bundle store: peer trust domains' roots and aliases",
 		Long: `Manage the trust bundles of a cluster: the roots of other trust domains its workloads
 accept, one SPIFFE bundle per domain (never merged), and trust-domain aliases. They live in
-the ConfigMap ` + trust.BundleConfigMap + ` in the control-plane namespace; workloads' agents
-watch it and hand Envoy one validation context per domain over SDS.`,
+the ConfigMap ` + trust.BundleConfigMap + ` in the control-plane namespace.
+
+What reads the store today: these commands. The trust library can keep a bundle set in step
+with it and hand Envoy one validation context per domain over SDS, but no running Isthmus
+process (primary, gateway, workload) does so yet: storing a bundle here does not change what
+any workload accepts until that is wired.`,
 	}
 	cmd.AddCommand(newTrustBundleShowCommand(), newTrustBundleAddCommand(), newTrustBundleRemoveCommand(), newTrustBundleAliasCommand())
 	return cmd
@@ -73,11 +77,14 @@ type bundleView struct {
 	RefreshHint string   `json:"refreshHint,omitempty"`
 }
 
+// bundlesView is the whole store as `trust bundle show -o json|yaml` prints it.
 type bundlesView struct {
 	Bundles []bundleView      `json:"bundles"`
 	Aliases map[string]string `json:"aliases,omitempty"`
 }
 
+// viewOf summarises set: each domain's root fingerprints, its earliest expiry (when the
+// bundle first stops verifying something) and its SPIFFE sequence and refresh hint.
 func viewOf(set *trust.BundleSet) bundlesView {
 	v := bundlesView{Bundles: []bundleView{}}
 	for _, td := range set.Domains() {
@@ -108,6 +115,8 @@ func viewOf(set *trust.BundleSet) bundlesView {
 	return v
 }
 
+// printBundles prints set in out's format; the table shortens fingerprints to 16 hex
+// digits and lists aliases after the bundles.
 func printBundles(cmd *cobra.Command, out printer, set *trust.BundleSet) error {
 	v := viewOf(set)
 	return out.print(cmd.OutOrStdout(), v, func(tw *tabwriter.Writer) {
@@ -133,6 +142,7 @@ func printBundles(cmd *cobra.Command, out printer, set *trust.BundleSet) error {
 	})
 }
 
+// newTrustBundleShowCommand prints the store; an absent ConfigMap is an empty store.
 func newTrustBundleShowCommand() *cobra.Command {
 	var (
 		f   bundleFlags
@@ -162,6 +172,8 @@ func newTrustBundleShowCommand() *cobra.Command {
 	return cmd
 }
 
+// newTrustBundleAddCommand reads one domain's bundle (trust.ReadBundle) and stores it,
+// replacing any bundle the domain had. A domain that is an alias here is refused.
 func newTrustBundleAddCommand() *cobra.Command {
 	var (
 		f                        bundleFlags
@@ -175,7 +187,8 @@ func newTrustBundleAddCommand() *cobra.Command {
 bundle endpoint serves it), a PEM file of root certificates, a plug-in CA directory (its
 root-cert.pem), or a peer's SPIFFE bundle endpoint (https_web; --endpoint-ca names the CA
 that signs the endpoint's certificate when it is not a public one). The bundle is checked
-(X.509 roots present, all CA certificates, not expired) before anything is written.`,
+(X.509 roots present, all CA certificates, not expired, none naming another trust domain)
+before anything is written.`,
 		Example: "  isthmus trust bundle add --trust-domain west.example --endpoint https://bundle.west.example/ --endpoint-ca west-web-ca.pem",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -192,17 +205,11 @@ that signs the endpoint's certificate when it is not a public one). The bundle i
 			if sources != 1 {
 				return errors.New("give exactly one of --file, --pem, --ca-dir and --endpoint")
 			}
-			b, err := readBundle(cmd, domain, file, pemFile, caDir, endpoint, endpointCA)
+			// ReadBundle checks the bundle (roots present, CA certificates, not expired, not
+			// another domain's) before anything is written.
+			b, err := trust.ReadBundle(cmd.Context(), domain, trust.BundleSource{File: file, PEMFile: pemFile, CADir: caDir, Endpoint: endpoint, EndpointCA: endpointCA})
 			if err != nil {
 				return err
-			}
-			for _, c := range b.X509Authorities() {
-				if !c.IsCA {
-					return fmt.Errorf("%s: certificate %q is not a CA", domain, c.Subject)
-				}
-				if time.Now().After(c.NotAfter) {
-					return fmt.Errorf("%s: root %q expired at %s", domain, c.Subject, c.NotAfter.UTC().Format(time.RFC3339))
-				}
 			}
 			return f.update(cmd, func(set *trust.BundleSet) error { return set.Set(b) },
 				fmt.Sprintf("bundle of %s stored (%d root(s))", domain, len(b.X509Authorities())))
@@ -220,63 +227,9 @@ that signs the endpoint's certificate when it is not a public one). The bundle i
 	return cmd
 }
 
-// readBundle reads a bundle for domain from whichever source was given.
-func readBundle(cmd *cobra.Command, domain mesh.TrustDomain, file, pemFile, caDir, endpoint, endpointCA string) (*spiffebundle.Bundle, error) {
-	sid, err := spiffeid.TrustDomainFromString(string(domain))
-	if err != nil {
-		return nil, err
-	}
-	switch {
-	case file != "":
-		data, err := os.ReadFile(file)
-		if err != nil {
-			return nil, err
-		}
-		b, err := spiffebundle.Parse(sid, data)
-		if err != nil {
-			return nil, fmt.Errorf("--file %s: %w", file, err)
-		}
-		return b, nil
-	case endpoint != "":
-		var o trust.FetchOptions
-		if endpointCA != "" {
-			data, err := os.ReadFile(endpointCA)
-			if err != nil {
-				return nil, err
-			}
-			o.WebRoots = x509.NewCertPool()
-			if !o.WebRoots.AppendCertsFromPEM(data) {
-				return nil, fmt.Errorf("--endpoint-ca %s: no PEM certificate", endpointCA)
-			}
-		}
-		return trust.FetchBundle(cmd.Context(), domain, endpoint, o)
-	}
-	path := pemFile
-	if caDir != "" {
-		path = caDir + "/" + trust.RootCertFile
-	}
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
-	}
-	b := spiffebundle.New(sid)
-	for rest := data; ; {
-		c, r, err := nextCert(rest)
-		if err != nil {
-			return nil, fmt.Errorf("%s: %w", path, err)
-		}
-		if c == nil {
-			break
-		}
-		b.AddX509Authority(c)
-		rest = r
-	}
-	if len(b.X509Authorities()) == 0 {
-		return nil, fmt.Errorf("%s: no PEM certificate", path)
-	}
-	return b, nil
-}
-
+// newTrustBundleRemoveCommand removes a domain's bundle or an alias. A domain that is an
+// alias's target is refused (remove the alias first), so no alias is left verifying
+// nothing by accident.
 func newTrustBundleRemoveCommand() *cobra.Command {
 	var f bundleFlags
 	cmd := &cobra.Command{
@@ -309,6 +262,8 @@ func newTrustBundleRemoveCommand() *cobra.Command {
 	return cmd
 }
 
+// newTrustBundleAliasCommand makes ALIAS's identities verify under TARGET's bundle;
+// TARGET must have one, and ALIAS must not.
 func newTrustBundleAliasCommand() *cobra.Command {
 	var f bundleFlags
 	cmd := &cobra.Command{
@@ -334,20 +289,4 @@ func newTrustBundleAliasCommand() *cobra.Command {
 	}
 	f.register(cmd)
 	return cmd
-}
-
-// nextCert decodes the next PEM certificate of data; nil when there is none left.
-func nextCert(data []byte) (*x509.Certificate, []byte, error) {
-	for {
-		block, rest := pem.Decode(data)
-		if block == nil {
-			return nil, nil, nil
-		}
-		if block.Type != "CERTIFICATE" {
-			data = rest
-			continue
-		}
-		c, err := x509.ParseCertificate(block.Bytes)
-		return c, rest, err
-	}
 }

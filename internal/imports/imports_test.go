@@ -67,11 +67,24 @@ func TestImportRules(t *testing.T) {
 			"mesh may import only the standard library"},
 		{"eastwest has no client-go", "eastwest", func(d string) bool { return strings.HasPrefix(d, "k8s.io/client-go") }, true,
 			"eastwest learns routes over xDS, never from Kubernetes"},
+		{"eastwest has no local-cluster plumbing", "eastwest", func(d string) bool {
+			for _, p := range []string{"netlab", "proc", "kubebin"} {
+				if d == module+"/internal/"+p || strings.HasPrefix(d, module+"/internal/"+p+"/") {
+					return true
+				}
+			}
+			return false
+		}, true, "eastwest is a data-plane process: network namespaces, child processes and cluster binaries belong to tests and scenarios"},
+		{"primary has no trust and no cert-manager", "primary", func(d string) bool {
+			return d == module+"/trust" || strings.HasPrefix(d, module+"/trust/") || strings.HasPrefix(d, "github.com/cert-manager/")
+		}, true, "primary shares only wire names with trust, and those live in mesh; the CA plugs into primary, not the other way round"},
 		{"primary does not reach up", "primary", func(d string) bool {
 			return strings.HasPrefix(d, module+"/deploy") || strings.HasPrefix(d, module+"/scenarios")
 		}, true, "primary must not import deploy or scenarios"},
 		{"trust does not import primary", "trust", func(d string) bool { return strings.HasPrefix(d, module+"/primary") }, true,
 			"primary plugs the CA in, not the other way round"},
+		{"federation does not import primary", "federation", func(d string) bool { return strings.HasPrefix(d, module+"/primary") }, true,
+			"imports leave federation through its ImportSink; cmd adapts the primary's registry to it"},
 		{"proc is stdlib-only plumbing", "internal/proc", func(d string) bool { return !isStd(d) }, true,
 			"internal/proc starts processes with the standard library alone"},
 	}

@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -12,8 +11,9 @@ import (
 	"path/filepath"
 	"strings"
 	"sync/atomic"
-	"syscall"
 	"time"
+
+	"github.com/isthmus-mesh/isthmus/internal/buildlock"
 )
 
 // Versions of the components the tools module pins. The cache key is derived from them, so
@@ -144,6 +144,9 @@ func assetsNote(o Options) string {
 	return " or KUBEBUILDER_ASSETS=" + o.AssetsDir
 }
 
+// lookup finds each binary in AssetsDir first, then in the cache, accepting only
+// executable regular files, and returns the names it could not find. An error means the
+// cache directory cannot be named at all.
 func lookup(o Options) (*Set, []string, error) {
 	bin, err := o.BinDir()
 	if err != nil {
@@ -173,7 +176,10 @@ func lookup(o Options) (*Set, []string, error) {
 }
 
 // Ensure returns the binaries, building the missing ones into the cache first. Only one
-// process builds at a time; the others wait for it and reuse its result.
+// process builds at a time (an flock on <cache>/<key>/.build.lock); the others wait for it
+// (reporting that they wait to Progress, cancellable through ctx) and reuse its result.
+// A build compiles all four binaries, even those AssetsDir has, and replaces the whole
+// cache directory, so the cache is complete or absent; AssetsDir still wins on lookup.
 func Ensure(ctx context.Context, o Options) (*Set, error) {
 	if set, missing, err := lookup(o); err != nil {
 		return nil, err
@@ -187,9 +193,9 @@ func Ensure(ctx context.Context, o Options) (*Set, error) {
 	if err := os.MkdirAll(filepath.Dir(bin), 0o755); err != nil {
 		return nil, fmt.Errorf("kubebin: create cache: %w", err)
 	}
-	unlock, err := lockFile(ctx, filepath.Join(filepath.Dir(bin), ".build.lock"), o.Progress)
+	unlock, err := buildlock.Acquire(ctx, filepath.Join(filepath.Dir(bin), ".build.lock"), "the Kubernetes binaries", o.Progress)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("kubebin: %w", err)
 	}
 	defer unlock()
 	// Another process may have finished the build while we waited for the lock.
@@ -202,35 +208,6 @@ func Ensure(ctx context.Context, o Options) (*Set, error) {
 		return nil, err
 	}
 	return Lookup(o)
-}
-
-// lockFile takes an exclusive flock on path, polling so that ctx can cancel the wait.
-func lockFile(ctx context.Context, path string, progress io.Writer) (func(), error) {
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o644)
-	if err != nil {
-		return nil, fmt.Errorf("kubebin: open build lock: %w", err)
-	}
-	said := false
-	for {
-		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
-		if err == nil {
-			return func() { syscall.Flock(int(f.Fd()), syscall.LOCK_UN); f.Close() }, nil
-		}
-		if !errors.Is(err, syscall.EWOULDBLOCK) {
-			f.Close()
-			return nil, fmt.Errorf("kubebin: lock %s: %w", path, err)
-		}
-		if !said && progress != nil {
-			fmt.Fprintf(progress, "waiting for another process that is building the Kubernetes binaries (lock %s)\n", path)
-			said = true
-		}
-		select {
-		case <-ctx.Done():
-			f.Close()
-			return nil, fmt.Errorf("kubebin: waiting for build lock: %w", ctx.Err())
-		case <-time.After(500 * time.Millisecond):
-		}
-	}
 }
 
 // FindToolsDir searches from dir upward for tools/k8s/go.mod and returns that directory.
@@ -251,6 +228,9 @@ func FindToolsDir(dir string) (string, error) {
 	}
 }
 
+// ldflags stamps the version into the binaries the way Kubernetes' own build does, so that
+// the API server's /version reports KubernetesVersion instead of v0.0.0
+// (TestClusterReportsVersionAndNode checks it); -s -w drop symbols to keep the cache small.
 func ldflags() string {
 	v := strings.TrimPrefix(KubernetesVersion, "v")
 	parts := strings.SplitN(v, ".", 3)
@@ -310,6 +290,8 @@ func build(ctx context.Context, o Options, bin string) error {
 	args := append([]string{"build", "-v", "-o", tmp + string(filepath.Separator), "-ldflags", ldflags()}, pkgs...)
 	cmd := exec.CommandContext(ctx, gocmd, args...)
 	cmd.Dir = tools
+	// The tools module builds on its own pins: no workspace may swap its dependencies,
+	// and a build must never rewrite its go.mod or go.sum.
 	cmd.Env = append(os.Environ(), "GOWORK=off", "GOFLAGS=-mod=readonly")
 	cmd.Stdout = io.Discard
 	stderr, err := cmd.StderrPipe()
@@ -320,6 +302,8 @@ func build(ctx context.Context, o Options, bin string) error {
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("kubebin: start go build: %w", err)
 	}
+	// The reader goroutine owns tail until done is closed; the loop below reads it only
+	// after waitErr, which is sent after done. compiled is read while it is written.
 	var compiled atomic.Int64
 	tail := newTail(40)
 	done := make(chan struct{})
@@ -359,6 +343,8 @@ func build(ctx context.Context, o Options, bin string) error {
 			return nil
 		case <-ticker.C:
 			n := compiled.Load()
+			// "At most": go list -deps counts every package, but go build -v names only
+			// those it compiles, not those already in Go's build cache.
 			if total > 0 {
 				fmt.Fprintf(progress, "  compiling: %d of at most %d packages (%d%%), %s elapsed\n", n, total, min(100, int(n*100/int64(total))), time.Since(start).Round(time.Second))
 			} else {
@@ -369,6 +355,9 @@ func build(ctx context.Context, o Options, bin string) error {
 }
 
 // install moves the freshly built binaries into bin, replacing a partial earlier cache.
+// It runs under the build lock. The rename is atomic (tmp is made beside bin, on the same
+// file system), so the new cache appears complete at once; while the old one is being
+// removed a lookup may find binaries missing, and Ensure then waits for the lock.
 func install(tmp, bin string) error {
 	for _, name := range All {
 		if _, err := os.Stat(filepath.Join(tmp, name)); err != nil {
@@ -412,7 +401,8 @@ func checkToolsVersions(dir string) error {
 	return nil
 }
 
-// tail keeps the last n lines written to it, for error messages.
+// tail keeps the last n lines written to it, for error messages. It is not safe for
+// concurrent use; build hands it from the reader goroutine to the caller through done.
 type tail struct {
 	n     int
 	lines []string

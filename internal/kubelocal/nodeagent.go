@@ -56,12 +56,15 @@ type NodeAgentConfig struct {
 // It is a level-triggered controller: Pod events queue keys; each key is reconciled from
 // the informer's cache.
 type NodeAgent struct {
-	cfg    NodeAgentConfig
+	cfg NodeAgentConfig
+	// queue and lister are set by Run before any worker reads them.
 	queue  workqueue.TypedRateLimitingInterface[string]
 	lister listersv1.PodLister
 
 	mu sync.Mutex
-	// ips maps pod key to the IP the agent assigned it; guarded by mu.
+	// ips maps pod key ("namespace/name") to the IP the agent assigned it, annotated ones
+	// included so that the allocator never hands them out again; guarded by mu. An entry
+	// is released when its Pod is gone from the informer's cache.
 	ips map[string]netip.Addr
 }
 
@@ -83,7 +86,9 @@ func NewNodeAgent(cfg NodeAgentConfig) (*NodeAgent, error) {
 	return &NodeAgent{cfg: cfg, ips: map[string]netip.Addr{}}, nil
 }
 
-// Run registers the node and reconciles Pods until ctx ends.
+// Run registers the node and reconciles Pods until ctx ends, with one worker (Pods of a
+// local cluster are few). It returns nil when ctx ends, and an error only when the node cannot be registered or
+// the informer cannot sync. Run must be called once.
 func (a *NodeAgent) Run(ctx context.Context) error {
 	if err := a.ensureNode(ctx); err != nil {
 		return err
@@ -136,6 +141,9 @@ func (a *NodeAgent) loadAssigned() {
 	}
 }
 
+// processNext reconciles one key; it returns false once the queue is shut down. A failed
+// key is retried with the queue's rate limit, unless ctx ended (the failure is then the
+// shutdown, not the Pod).
 func (a *NodeAgent) processNext(ctx context.Context) bool {
 	key, quit := a.queue.Get()
 	if quit {
@@ -154,6 +162,13 @@ func (a *NodeAgent) processNext(ctx context.Context) bool {
 	return true
 }
 
+// reconcile brings one Pod to the state a kubelet on this node would give it, from the
+// cached object, never from the event: a deleted Pod releases its IP; a Pod being deleted
+// is deleted for good (grace 0, guarded by its UID so a new Pod of the same name is never
+// hit); an unbound Pod is bound to this node; a bound Pod gets the status of
+// desiredStatus, written only when the agent's fields differ (statusEqual), so that an
+// unchanged Pod causes no write and no new event. Conflicts and NotFound mean a newer
+// version of the Pod is already queued and are not errors.
 func (a *NodeAgent) reconcile(ctx context.Context, key string) error {
 	ns, name, err := cache.SplitMetaNamespaceKey(key)
 	if err != nil {
@@ -204,7 +219,12 @@ func (a *NodeAgent) reconcile(ctx context.Context, key string) error {
 	return err
 }
 
-// desiredStatus computes the status the Pod should have on this node.
+// desiredStatus computes the status the Pod should have on this node: Running and Ready
+// with its IP (podIP), or NotReady by ReadyAnnotation, or Pending with reason InvalidPodIP
+// when the annotated address does not parse or the pod CIDR is exhausted. Start times and
+// the transition times of unchanged conditions are kept, so the status is stable across
+// reconciles. The error result is always nil today; a bad IP is a Pod condition, not a
+// reconcile failure that would be retried forever.
 func (a *NodeAgent) desiredStatus(key string, pod *corev1.Pod) (*corev1.PodStatus, error) {
 	now := metav1.NewTime(time.Now().Truncate(time.Second))
 	start := now
@@ -295,13 +315,15 @@ func (a *NodeAgent) podIP(key string, pod *corev1.Pod) (netip.Addr, error) {
 	return netip.Addr{}, fmt.Errorf("pod CIDR %s is exhausted", a.cfg.PodCIDR)
 }
 
+// release forgets the IP of a Pod that is gone, making it free for the next one.
 func (a *NodeAgent) release(key string) {
 	a.mu.Lock()
 	delete(a.ips, key)
 	a.mu.Unlock()
 }
 
-// statusEqual compares the fields the agent owns.
+// statusEqual compares what the agent decides (phase, IPs, condition statuses, reasons
+// and messages, container readiness), not timestamps or fields it copies through.
 func statusEqual(have, want *corev1.PodStatus) bool {
 	if have.Phase != want.Phase || have.PodIP != want.PodIP || have.HostIP != want.HostIP ||
 		len(have.Conditions) != len(want.Conditions) || len(have.ContainerStatuses) != len(want.ContainerStatuses) {
@@ -321,7 +343,10 @@ func statusEqual(have, want *corev1.PodStatus) bool {
 	return true
 }
 
-// ensureNode creates the Node or updates it, and marks it Ready.
+// ensureNode creates the Node, or reuses the one a previous agent registered (keeping its
+// labels as they are), and writes a Ready status with generous capacity: the agent never
+// heartbeats again, which is fine because no node-lifecycle controller runs to mark it
+// NotReady.
 func (a *NodeAgent) ensureNode(ctx context.Context) error {
 	nodes := a.cfg.Client.CoreV1().Nodes()
 	nodeLabels := map[string]string{

@@ -47,7 +47,10 @@ type pkiRequest struct {
 // writePKI creates a fresh CA and every certificate and key one cluster needs: the API
 // server's serving certificate, an admin client certificate (system:masters), one for the
 // controller manager, and the service-account signing key pair. ECDSA P-256 keeps
-// generation in the milliseconds.
+// generation in the milliseconds. Every call makes a new CA and keys and overwrites the
+// files, so kubeconfigs and service-account tokens from an earlier start of the same Dir
+// stop working. Keys are written 0600; certificates are valid for five years, from a
+// minute before now.
 func writePKI(dir string, req pkiRequest) (pkiFiles, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return pkiFiles{}, err
@@ -81,6 +84,8 @@ func writePKI(dir string, req pkiRequest) (pkiFiles, error) {
 		return f, err
 	}
 
+	// The serving certificate covers every name a client may use: loopback, the bind
+	// address, and the kubernetes Service's names and ClusterIP (in-cluster clients).
 	dns := []string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
 		"kubernetes.default.svc." + req.Domain}
 	ips := append([]net.IP{net.IPv4(127, 0, 0, 1), req.ServiceIP}, req.ServingIP...)
@@ -139,10 +144,12 @@ func writePKI(dir string, req pkiRequest) (pkiFiles, error) {
 	return f, nil
 }
 
+// serial returns a random 126-bit serial number (positive, under the 20 octets RFC 5280
+// allows).
 func serial() *big.Int {
 	n, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 126))
 	if err != nil {
-		// crypto/rand does not fail on Linux; a constant serial is still a valid cert.
+		// crypto/rand does not fail on Linux; a time-based serial is still a valid cert.
 		return big.NewInt(time.Now().UnixNano())
 	}
 	return n

@@ -30,6 +30,11 @@ type State struct {
 	PIDs       map[string]int `json:"pids"` // component name → process (group) ID
 }
 
+// A State is written once, when its cluster is ready, and never updated; after a restart
+// of one component (RestartAPIServer) its PID there is stale. Readers match PIDs against
+// the cluster's directory (proc.PIDMatches) before signalling them, so a stale or reused
+// PID is harmless.
+
 // Health of a recorded cluster, from whether its processes are alive.
 const (
 	HealthRunning  = "Running"  // every component is alive
@@ -55,6 +60,8 @@ func (s *State) Health() string {
 	}
 }
 
+// writeState writes StateFile through a temporary file and a rename, so that a concurrent
+// `isthmus cluster list` never reads half a file.
 func (c *Cluster) writeState() error {
 	s := State{
 		Name:       c.Name,

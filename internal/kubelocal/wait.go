@@ -8,6 +8,9 @@ import (
 	"net/http"
 	"time"
 
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
 	"github.com/isthmus-mesh/isthmus/internal/proc"
 )
 
@@ -68,6 +71,31 @@ func httpGetOK(ctx context.Context, client *http.Client, url string) error {
 	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
 	if resp.StatusCode != http.StatusOK {
 		return fmt.Errorf("GET %s: %s: %s", url, resp.Status, body)
+	}
+	return nil
+}
+
+// waitDefaultServiceAccount waits until the controller manager has made the default
+// service account, which the API server requires before it admits Pods. It is also the
+// controller manager's readiness check (it serves no probe port), so it fails at once when
+// any component has exited rather than waiting out the timeout.
+func (c *Cluster) waitDefaultServiceAccount(ctx context.Context) error {
+	client, err := c.Client()
+	if err != nil {
+		return err
+	}
+	err = poll(ctx, 50*time.Millisecond, func(ctx context.Context) error {
+		if err := c.checkAlive(); err != nil {
+			return backoffStop{err}
+		}
+		_, err := client.CoreV1().ServiceAccounts("default").Get(ctx, "default", metav1.GetOptions{})
+		if apierrors.IsNotFound(err) {
+			return errors.New("the default service account does not exist yet (kube-controller-manager not working?)")
+		}
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("wait for kube-controller-manager: %w", err)
 	}
 	return nil
 }

@@ -36,7 +36,9 @@ type Namespace struct {
 	fd int
 }
 
-// New creates a network namespace named isthmus-<prefix>-<random> with loopback up.
+// New creates a network namespace named isthmus-<prefix>-<pid>-<random> with loopback up,
+// after deleting the namespaces of earlier runs whose creator has exited (sweepOrphans).
+// It needs root and returns ErrNotRoot without it. Close deletes it.
 func New(prefix string) (*Namespace, error) {
 	if os.Geteuid() != 0 {
 		return nil, ErrNotRoot
@@ -93,8 +95,9 @@ func (n *Namespace) Do(fn func() error) error {
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
-		// The thread is never unlocked: if switching back failed it must not be reused,
-		// and a locked goroutine's thread exits with it, which is just as good.
+		// The thread is unlocked only once it is back in its own namespace. If switching
+		// back fails it stays locked, and the runtime ends a thread whose locked goroutine
+		// exits, so a thread still inside the namespace is never reused.
 		self, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
 		if err != nil {
 			errc <- fmt.Errorf("netlab: open own namespace: %w", err)
@@ -203,7 +206,10 @@ func (n *Namespace) NoForwarding() error {
 	})
 }
 
-// sweepOrphans deletes isthmus-* namespaces whose creating process no longer exists.
+// sweepOrphans deletes isthmus-* namespaces whose creating process no longer exists, read
+// from the PID in the name. A namespace whose creator's PID has been reused by another
+// process survives until that process is gone too: a leak for a while, never a namespace
+// deleted under a live creator. Failures are ignored; the sweep is best effort.
 func sweepOrphans() {
 	entries, err := os.ReadDir("/var/run/netns")
 	if err != nil {

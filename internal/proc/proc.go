@@ -20,6 +20,11 @@ import (
 // that panics or is killed takes its clusters with it; detached children (clusters that
 // outlive `isthmus cluster up`) start a new session instead and are stopped through their
 // recorded process IDs.
+//
+// Linux sends the parent-death signal when the thread that started the child exits, not
+// the process. Go keeps its threads, except one whose goroutine exits while locked to it
+// (runtime.LockOSThread): start attached children from ordinary goroutines, never inside
+// netlab's Namespace.Do, whose thread may be discarded.
 type Process struct {
 	Name    string // what reports call it
 	LogPath string // where its output goes
@@ -80,7 +85,9 @@ func (p *Process) ExitError() error {
 }
 
 // Stop sends SIGTERM to the process group, waits up to grace, then SIGKILLs the group. It
-// returns once the process has exited.
+// returns once the process has exited, and always ends with a SIGKILL to the group so
+// that children the process forked and left behind go too. Calling it again, or after
+// the process exited on its own, is safe.
 func (p *Process) Stop(grace time.Duration) {
 	if p.Exited() {
 		killGroup(p.PID(), syscall.SIGKILL) // leftovers in the group, if any
@@ -128,7 +135,8 @@ func StopPID(pid int, marker string, grace time.Duration) {
 }
 
 // PIDMatches reports whether pid is alive (not a zombie) and its command line contains
-// marker.
+// marker. The marker check is what makes a recorded PID safe to signal later: a PID the
+// kernel has given to an unrelated process does not carry it.
 func PIDMatches(pid int, marker string) bool {
 	if pid <= 1 {
 		return false

@@ -17,6 +17,9 @@ import (
 	"github.com/isthmus-mesh/isthmus/internal/kubelocal"
 )
 
+// One lookup (or build) per test binary: every test of a package shares its result, a
+// failure included, so that a missing toolchain fails each test with the same message
+// instead of attempting the build again.
 var (
 	binOnce sync.Once
 	binSet  *kubebin.Set
@@ -24,7 +27,9 @@ var (
 )
 
 // Binaries returns the cluster binaries, building them on first use (progress goes to
-// stderr). It honours KUBEBUILDER_ASSETS and ISTHMUS_K8S_CACHE.
+// stderr; the build is bounded by 30 minutes). It honours KUBEBUILDER_ASSETS and
+// ISTHMUS_K8S_CACHE. It does not skip when the binaries are missing: it builds them, or
+// waits for the process that is building them (kubebin.Ensure holds a file lock).
 func Binaries() (*kubebin.Set, error) {
 	binOnce.Do(func() {
 		o := kubebin.OptionsFromEnv()
@@ -37,7 +42,9 @@ func Binaries() (*kubebin.Set, error) {
 }
 
 // Configs returns n cluster configurations named <prefix>-1..n under dir, each with its
-// own service and pod CIDR and zone.
+// own pod CIDR (10.<10+i>.0.0/16, so that pods of different clusters never share an IP),
+// region and zone (region-<i>, zone-<i>a, for locality tests). The service CIDR is the
+// default for all; ClusterIPs are never compared across clusters.
 func Configs(set *kubebin.Set, dir, prefix string, n int) []kubelocal.Config {
 	cfgs := make([]kubelocal.Config, n)
 	for i := range cfgs {
@@ -54,7 +61,8 @@ func Configs(set *kubebin.Set, dir, prefix string, n int) []kubelocal.Config {
 	return cfgs
 }
 
-// Start starts n clusters for t and stops them when t ends. It skips under -short.
+// Start starts n clusters for t and stops them when t ends. It skips under -short and
+// fails t when the binaries cannot be had or a cluster does not start.
 func Start(t testing.TB, n int) []*kubelocal.Cluster {
 	t.Helper()
 	if testing.Short() {
@@ -83,7 +91,7 @@ func StartShared(n int, prefix string) ([]*kubelocal.Cluster, func(), error) {
 	if !flag.Parsed() {
 		flag.Parse()
 	}
-	if testing.Short() {
+	if testing.Short() || fuzzing() {
 		return nil, func() {}, nil
 	}
 	set, err := Binaries()
@@ -139,6 +147,17 @@ func Main(m *testing.M, n int, prefix string, setup func([]*kubelocal.Cluster) (
 		defer cleanup()
 	}
 	return m.Run()
+}
+
+// fuzzing reports whether this test binary runs a fuzz target (as the coordinator or one
+// of its workers): fuzz targets are pure, and starting clusters in every worker would
+// only slow fuzzing to a crawl.
+func fuzzing() bool {
+	if f := flag.Lookup("test.fuzz"); f != nil && f.Value.String() != "" {
+		return true
+	}
+	f := flag.Lookup("test.fuzzworker")
+	return f != nil && f.Value.String() == "true"
 }
 
 // Eventually calls check every 50 ms until it returns nil, failing t with check's last

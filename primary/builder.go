@@ -27,22 +27,17 @@ import (
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/isthmus-mesh/isthmus/mesh"
-	"github.com/isthmus-mesh/isthmus/trust"
 )
 
-// ClusterName returns the Istio-style name of a service port's cluster,
-// "outbound|<port>|<subset>|<host>".
-func ClusterName(port uint16, subset string, host mesh.Hostname) string {
-	return "outbound|" + strconv.Itoa(int(port)) + "|" + subset + "|" + string(host)
-}
-
 // GRPCListenerName is the name a proxyless gRPC client asks for when it dials
-// xds:///<host>:<port>.
+// xds:///<host>:<port>: grpc-go requests the dialled target as the Listener name, so
+// the name is the authority exactly as clients write it.
 func GRPCListenerName(host mesh.Hostname, port uint16) string {
 	return string(host) + ":" + strconv.Itoa(int(port))
 }
 
-// Resources is one view's xDS resources by type URL.
+// Resources is one view's xDS resources by type URL. Within a type, resources are in a
+// stable order (services by hostname, then port), so equal inputs give equal slices.
 type Resources map[resource.Type][]types.Resource
 
 // BuildResources translates a registry view into the resources of one proxy view. It is a
@@ -56,6 +51,12 @@ func BuildResources(v *View, key ViewKey) (Resources, error) {
 // changed. Not safe for concurrent use.
 type Builder struct {
 	memo map[ViewKey]map[mesh.Hostname]*serviceResources
+	// plan is the traffic plan of the view at planVersion (planTraffic), shared by every
+	// view key built from one registry view.
+	plan        *trafficPlan
+	planVersion uint64
+	// sec is the security plan and the inbound listeners' memo (inbound.go).
+	sec *securityState
 }
 
 // NewBuilder returns an empty builder.
@@ -64,6 +65,7 @@ func NewBuilder() *Builder { return &Builder{memo: map[ViewKey]map[mesh.Hostname
 // serviceResources are one service's resources in one view.
 type serviceResources struct {
 	gen, gwGen uint64
+	planKey    string // the hostPlan key it was built with
 	clusters   []types.Resource
 	endpoints  []types.Resource
 	listeners  []types.Resource
@@ -71,20 +73,50 @@ type serviceResources struct {
 	snis       []string                      // gateway server names (= sni-dnat cluster names)
 }
 
-// Build returns the resources of view key for v.
+// Build returns the resources of view key for v: per service port an EDS cluster and
+// its load assignment (split horizon for key's network), and by proxy kind an
+// api_listener per port (proxyless gRPC), outbound listeners and one route configuration
+// per HTTP-family port (Envoy sidecar), or sni-dnat clusters and the 15443
+// AUTO_PASSTHROUGH listener (gateway). Services whose generation and the gateways' are
+// unchanged since the last Build of key reuse their resources (the same pointers, which
+// the view cache then does not marshal again).
+//
+// A Sidecar that applies to key's namespace leaves out the services its egress hosts do
+// not admit (sidecarscope.go). A service's resources do not depend on the namespace, so
+// keys that differ only by namespace share one memo, which keeps the resources of
+// services another namespace's view left out.
 func (b *Builder) Build(v *View, key ViewKey) (Resources, error) {
-	old := b.memo[key]
+	if key.Kind == ProxyIngress {
+		return b.buildIngress(v, key) // ingress.go
+	}
+	memoKey := key
+	memoKey.Namespace = ""
+	old := b.memo[memoKey]
+	plan := b.trafficPlanFor(v)
+	var admitted map[mesh.Hostname]bool // nil: every service
+	if key.Kind != ProxyGateway {
+		if sc := plan.sidecars.scopeFor(key.Namespace); sc != nil {
+			admitted = sc.admitted(v, plan, key.Namespace)
+		}
+	}
 	next := make(map[mesh.Hostname]*serviceResources, len(v.Services))
 	res := Resources{}
 	routesByPort := map[uint16][]*route.VirtualHost{}
 	for _, svc := range v.Services {
 		sr := old[svc.Hostname]
-		if sr == nil || sr.gen != svc.Gen || sr.gwGen != v.GatewaysGen {
+		if admitted != nil && !admitted[svc.Hostname] {
+			if sr != nil {
+				next[svc.Hostname] = sr // another namespace's view may still use it
+			}
+			continue
+		}
+		hp := plan.hosts[svc.Hostname]
+		if sr == nil || sr.gen != svc.Gen || sr.gwGen != v.GatewaysGen || sr.planKey != hp.keyOrEmpty() {
 			var err error
-			if sr, err = buildService(svc, key, v.Gateways); err != nil {
+			if sr, err = buildService(svc, key, v.Gateways, hp); err != nil {
 				return nil, err
 			}
-			sr.gen, sr.gwGen = svc.Gen, v.GatewaysGen
+			sr.gen, sr.gwGen, sr.planKey = svc.Gen, v.GatewaysGen, hp.keyOrEmpty()
 		}
 		next[svc.Hostname] = sr
 		res[resource.ClusterType] = append(res[resource.ClusterType], sr.clusters...)
@@ -94,12 +126,24 @@ func (b *Builder) Build(v *View, key ViewKey) (Resources, error) {
 			routesByPort[port] = append(routesByPort[port], vh)
 		}
 	}
-	b.memo[key] = next
+	b.memo[memoKey] = next // services gone from v drop out of the memo here
+	if key.Kind == ProxyGRPC {
+		in, err := b.inboundListeners(v, key) // xDS-enabled servers' inbound listeners
+		if err != nil {
+			return nil, err
+		}
+		res[resource.ListenerType] = append(res[resource.ListenerType], in...)
+	}
 	if key.Kind == ProxyGateway {
 		var snis []string
 		for _, svc := range v.Services {
 			snis = append(snis, next[svc.Hostname].snis...)
 		}
+		// Exported services under the names peer meshes use (docs/federation.md).
+		clusters, eps, aliases := gatewayExportAliases(v, res[resource.EndpointType])
+		res[resource.ClusterType] = append(res[resource.ClusterType], clusters...)
+		res[resource.EndpointType] = append(res[resource.EndpointType], eps...)
+		snis = append(snis, aliases...)
 		l, err := gatewayListener(snis)
 		if err != nil {
 			return nil, err
@@ -123,39 +167,61 @@ func (b *Builder) Build(v *View, key ViewKey) (Resources, error) {
 	return res, nil
 }
 
-// buildService makes one service's resources for one view.
-func buildService(svc *MergedService, key ViewKey, gateways map[mesh.NetworkID][]Gateway) (*serviceResources, error) {
+// buildService makes one service's resources for one view. Gateways get no mTLS
+// transport socket (they pass TLS through) and only their own network's endpoints; other
+// proxies get mTLS when any endpoint of the service can terminate it, since a cluster has
+// one transport socket for all its endpoints. hp (nil without traffic configuration) adds
+// a cluster per DestinationRule subset, with the endpoints whose labels the subset
+// selects and the subset in the SNI, and replaces the default route by the
+// VirtualService's.
+func buildService(svc *MergedService, key ViewKey, gateways map[mesh.NetworkID][]Gateway, hp *hostPlan) (*serviceResources, error) {
 	sr := &serviceResources{}
 	localOnly := key.Kind == ProxyGateway
 	mtls := key.Kind != ProxyGateway && slices.ContainsFunc(svc.Endpoints, func(e mesh.Endpoint) bool { return e.MTLSReady })
+	subsets := []subsetPlan{{}}
+	if hp != nil {
+		subsets = append([]subsetPlan{hp.base}, hp.subsets...)
+	}
 	for _, p := range svc.Ports {
-		name := ClusterName(p.Port, "", svc.Hostname)
-		c := edsCluster(name)
-		if mtls {
-			upstream := grpcUpstreamTLS
-			if key.Kind == ProxySidecar {
-				upstream = envoyUpstreamTLS
+		for _, sub := range subsets {
+			out := mesh.OutboundName{Port: p.Port, Subset: sub.name, Host: svc.Hostname}
+			name := out.ClusterName()
+			c := edsCluster(name)
+			pol := sub.policy(p.Port)
+			pol.apply(c, key.Kind)
+			if mtls {
+				upstream := grpcUpstreamTLS
+				if key.Kind == ProxySidecar {
+					upstream = envoyUpstreamTLS
+				}
+				ts, err := upstream(out.SNI())
+				if err != nil {
+					return nil, err
+				}
+				c.TransportSocket = ts
 			}
-			ts, err := upstream(sniFor(p.Port, svc.Hostname))
-			if err != nil {
-				return nil, err
+			sr.clusters = append(sr.clusters, c)
+			local := splitHorizon(selectLabels(svc.Endpoints, sub.labels), p.Name, key.Network, gateways, localOnly)
+			prio := pol.locality.priorities(key, local)
+			cla := distributeWeights(loadAssignment(name, local, prio), pol.locality, key)
+			sr.endpoints = append(sr.endpoints, cla)
+			if key.Kind == ProxyGateway {
+				// An Envoy-based gateway routes by SNI to an "sni-dnat" cluster named like
+				// the server name itself, with this network's endpoints.
+				sni := out.SNI()
+				sr.clusters = append(sr.clusters, edsCluster(sni))
+				sr.endpoints = append(sr.endpoints, distributeWeights(loadAssignment(sni, local, prio), pol.locality, key))
+				sr.snis = append(sr.snis, sni)
 			}
-			c.TransportSocket = ts
 		}
-		sr.clusters = append(sr.clusters, c)
-		local := splitHorizon(svc.Endpoints, p.Name, key.Network, gateways, localOnly)
-		sr.endpoints = append(sr.endpoints, loadAssignment(name, local))
-		if key.Kind == ProxyGateway {
-			// An Envoy-based gateway routes by SNI to an "sni-dnat" cluster named like
-			// the server name itself, with this network's endpoints.
-			sni := sniFor(p.Port, svc.Hostname)
-			sr.clusters = append(sr.clusters, edsCluster(sni))
-			sr.endpoints = append(sr.endpoints, loadAssignment(sni, local))
-			sr.snis = append(sr.snis, sni)
+		name := mesh.OutboundName{Port: p.Port, Host: svc.Hostname}.ClusterName()
+		routes := hp.routesFor(p.Port)
+		if routes == nil {
+			routes = defaultRoutes(name, subsets[0].policy(p.Port).routeHash())
 		}
 		switch key.Kind {
 		case ProxyGRPC:
-			l, err := grpcListener(svc.Hostname, p.Port, name)
+			l, err := grpcListener(svc.Hostname, p.Port, name, routes)
 			if err != nil {
 				return nil, err
 			}
@@ -165,7 +231,7 @@ func buildService(svc *MergedService, key ViewKey, gateways map[mesh.NetworkID][
 				if sr.vhosts == nil {
 					sr.vhosts = map[uint16]*route.VirtualHost{}
 				}
-				sr.vhosts[p.Port] = virtualHost(svc.Hostname, p.Port, name)
+				sr.vhosts[p.Port] = virtualHost(svc.Hostname, p.Port, name, routes)
 			}
 		}
 	}
@@ -226,10 +292,13 @@ func (r Resources) Snapshot(version string) (*cache.Snapshot, error) {
 	return cache.NewSnapshot(version, r)
 }
 
+// isHTTP reports whether a port's traffic can go through an HTTP connection manager
+// (gRPC is HTTP/2); other ports get no sidecar listener yet.
 func isHTTP(p mesh.Protocol) bool {
 	return p == mesh.ProtocolHTTP || p == mesh.ProtocolHTTP2 || p == mesh.ProtocolGRPC
 }
 
+// adsSource says "over the same ADS stream", for EDS and RDS references.
 func adsSource() *core.ConfigSource {
 	return &core.ConfigSource{
 		ResourceApiVersion:    core.ApiVersion_V3,
@@ -237,6 +306,7 @@ func adsSource() *core.ConfigSource {
 	}
 }
 
+// edsCluster is a round-robin cluster whose endpoints come over ADS under the same name.
 func edsCluster(name string) *cluster.Cluster {
 	return &cluster.Cluster{
 		Name:                 name,
@@ -247,24 +317,36 @@ func edsCluster(name string) *cluster.Cluster {
 	}
 }
 
-// loadAssignment groups endpoints by locality. Every locality carries a load-balancing
-// weight (the sum of its endpoints' weights): proxyless gRPC ignores localities without one
-// and then fails every call.
-func loadAssignment(name string, eps []lbEndpoint) *endpoint.ClusterLoadAssignment {
-	byLoc := map[mesh.Locality][]lbEndpoint{}
-	for _, e := range eps {
-		byLoc[e.Locality] = append(byLoc[e.Locality], e)
+// loadAssignment groups endpoints by priority (prio[i] is eps[i]'s; nil is 0 for all)
+// and locality. Every locality carries a load-balancing weight (the sum of its
+// endpoints' weights): proxyless gRPC ignores localities without one and then fails
+// every call.
+func loadAssignment(name string, eps []lbEndpoint, prio []uint32) *endpoint.ClusterLoadAssignment {
+	type group struct {
+		prio uint32
+		loc  mesh.Locality
 	}
-	locs := make([]mesh.Locality, 0, len(byLoc))
+	byLoc := map[group][]lbEndpoint{}
+	for i, e := range eps {
+		g := group{loc: e.Locality}
+		if prio != nil {
+			g.prio = prio[i]
+		}
+		byLoc[g] = append(byLoc[g], e)
+	}
+	locs := make([]group, 0, len(byLoc))
 	for l := range byLoc {
 		locs = append(locs, l)
 	}
-	slices.SortFunc(locs, func(a, b mesh.Locality) int { return cmp.Compare(a.String(), b.String()) })
+	slices.SortFunc(locs, func(a, b group) int {
+		return cmp.Or(cmp.Compare(a.prio, b.prio), cmp.Compare(a.loc.String(), b.loc.String()))
+	})
 	cla := &endpoint.ClusterLoadAssignment{ClusterName: name}
-	for _, l := range locs {
-		group := &endpoint.LocalityLbEndpoints{Locality: &core.Locality{Region: l.Region, Zone: l.Zone, SubZone: l.Subzone}}
+	for _, g := range locs {
+		l := g.loc
+		group := &endpoint.LocalityLbEndpoints{Locality: &core.Locality{Region: l.Region, Zone: l.Zone, SubZone: l.Subzone}, Priority: g.prio}
 		var sum uint32
-		for _, e := range byLoc[l] {
+		for _, e := range byLoc[g] {
 			sum += e.Weight
 			group.LbEndpoints = append(group.LbEndpoints, &endpoint.LbEndpoint{
 				HostIdentifier: &endpoint.LbEndpoint_Endpoint{Endpoint: &endpoint.Endpoint{
@@ -280,6 +362,36 @@ func loadAssignment(name string, eps []lbEndpoint) *endpoint.ClusterLoadAssignme
 	return cla
 }
 
+// distributeWeights replaces the locality weights of cla by localityLbSetting.distribute
+// for the proxy (localityWeights) and drops the localities that get none. cla is
+// returned unchanged when distribute does not apply.
+func distributeWeights(cla *endpoint.ClusterLoadAssignment, lp *localityPolicy, key ViewKey) *endpoint.ClusterLoadAssignment {
+	if lp == nil || len(lp.distribute) == 0 {
+		return cla
+	}
+	own := map[mesh.Locality]uint32{}
+	for _, g := range cla.Endpoints {
+		l := g.GetLocality()
+		own[mesh.Locality{Region: l.GetRegion(), Zone: l.GetZone(), Subzone: l.GetSubZone()}] += g.GetLoadBalancingWeight().GetValue()
+	}
+	weights, ok := lp.localityWeights(key, own)
+	if !ok {
+		return cla
+	}
+	kept := cla.Endpoints[:0]
+	for _, g := range cla.Endpoints {
+		l := g.GetLocality()
+		if w := weights[mesh.Locality{Region: l.GetRegion(), Zone: l.GetZone(), Subzone: l.GetSubZone()}]; w > 0 {
+			g.LoadBalancingWeight = wrapperspb.UInt32(w)
+			kept = append(kept, g)
+		}
+	}
+	cla.Endpoints = kept
+	return cla
+}
+
+// healthStatus maps a mesh health to Envoy's; unknown stays UNKNOWN, which Envoy and
+// grpc-go treat as usable.
 func healthStatus(h mesh.Health) core.HealthStatus {
 	switch h {
 	case mesh.HealthHealthy:
@@ -293,24 +405,48 @@ func healthStatus(h mesh.Health) core.HealthStatus {
 	}
 }
 
+// socketAddress is a TCP address.
 func socketAddress(addr string, port uint32) *core.Address {
 	return &core.Address{Address: &core.Address_SocketAddress{SocketAddress: &core.SocketAddress{
 		Protocol: core.SocketAddress_TCP, Address: addr, PortSpecifier: &core.SocketAddress_PortValue{PortValue: port},
 	}}}
 }
 
-func virtualHost(host mesh.Hostname, port uint16, clusterName string) *route.VirtualHost {
-	hp := string(host) + ":" + strconv.Itoa(int(port))
-	return &route.VirtualHost{
-		Name:    hp,
-		Domains: []string{string(host), hp},
-		Routes: []*route.Route{{
-			Match:  &route.RouteMatch{PathSpecifier: &route.RouteMatch_Prefix{Prefix: "/"}},
-			Action: &route.Route_Route{Route: &route.RouteAction{ClusterSpecifier: &route.RouteAction_Cluster{Cluster: clusterName}}},
-		}},
-	}
+// defaultRoutes is the route of a port no VirtualService routes: every path to
+// clusterName, hashed by the DestinationRule's hash policies (if any).
+func defaultRoutes(clusterName string, hash []*route.RouteAction_HashPolicy) []*route.Route {
+	return []*route.Route{{
+		Match: &route.RouteMatch{PathSpecifier: &route.RouteMatch_Prefix{Prefix: "/"}},
+		Action: &route.Route_Route{Route: &route.RouteAction{
+			ClusterSpecifier: &route.RouteAction_Cluster{Cluster: clusterName}, HashPolicy: hash}},
+	}}
 }
 
+// virtualHost routes host (with or without the port) by routes, or, when routes is nil,
+// every path to clusterName.
+func virtualHost(host mesh.Hostname, port uint16, clusterName string, routes []*route.Route) *route.VirtualHost {
+	hp := string(host) + ":" + strconv.Itoa(int(port))
+	if routes == nil {
+		routes = defaultRoutes(clusterName, nil)
+	}
+	return &route.VirtualHost{Name: hp, Domains: []string{string(host), hp}, Routes: routes}
+}
+
+// httpFilters are every connection manager's filters: fault injection (a no-op unless a
+// route overrides it), then the router.
+func httpFilters() ([]*hcm.HttpFilter, error) {
+	ff, err := faultFilter()
+	if err != nil {
+		return nil, err
+	}
+	rf, err := routerFilter()
+	if err != nil {
+		return nil, err
+	}
+	return []*hcm.HttpFilter{ff, rf}, nil
+}
+
+// routerFilter is the terminal HTTP filter every connection manager needs.
 func routerFilter() (*hcm.HttpFilter, error) {
 	r, err := anypb.New(&router.Router{})
 	if err != nil {
@@ -320,9 +456,10 @@ func routerFilter() (*hcm.HttpFilter, error) {
 }
 
 // grpcListener is the api_listener a proxyless gRPC client resolves xds:///host:port to:
-// an HttpConnectionManager with the router filter and an inline route to the cluster.
-func grpcListener(host mesh.Hostname, port uint16, clusterName string) (*listener.Listener, error) {
-	rf, err := routerFilter()
+// an HttpConnectionManager with the fault and router filters and inline routes (see
+// virtualHost).
+func grpcListener(host mesh.Hostname, port uint16, clusterName string, routes []*route.Route) (*listener.Listener, error) {
+	filters, err := httpFilters()
 	if err != nil {
 		return nil, err
 	}
@@ -331,9 +468,9 @@ func grpcListener(host mesh.Hostname, port uint16, clusterName string) (*listene
 		StatPrefix: name,
 		RouteSpecifier: &hcm.HttpConnectionManager_RouteConfig{RouteConfig: &route.RouteConfiguration{
 			Name:         name,
-			VirtualHosts: []*route.VirtualHost{virtualHost(host, port, clusterName)},
+			VirtualHosts: []*route.VirtualHost{virtualHost(host, port, clusterName, routes)},
 		}},
-		HttpFilters: []*hcm.HttpFilter{rf},
+		HttpFilters: filters,
 	}
 	// grpc-go matches the dialled authority against the domains; accept any spelling.
 	m.GetRouteConfig().VirtualHosts[0].Domains = []string{"*"}
@@ -347,7 +484,7 @@ func grpcListener(host mesh.Hostname, port uint16, clusterName string) (*listene
 // sidecarListener is an Envoy outbound listener for one port, routing by Host header
 // through the RDS route configuration named after the port.
 func sidecarListener(port uint16, routeName string) (*listener.Listener, error) {
-	rf, err := routerFilter()
+	filters, err := httpFilters()
 	if err != nil {
 		return nil, err
 	}
@@ -356,7 +493,7 @@ func sidecarListener(port uint16, routeName string) (*listener.Listener, error) 
 		RouteSpecifier: &hcm.HttpConnectionManager_Rds{Rds: &hcm.Rds{
 			ConfigSource: adsSource(), RouteConfigName: routeName,
 		}},
-		HttpFilters: []*hcm.HttpFilter{rf},
+		HttpFilters: filters,
 	}
 	a, err := anypb.New(m)
 	if err != nil {
@@ -371,20 +508,6 @@ func sidecarListener(port uint16, routeName string) (*listener.Listener, error) 
 	}, nil
 }
 
-// Names of the certificate provider instance and certificates a proxyless gRPC client's
-// bootstrap must define (file_watcher provider) for mTLS.
-const (
-	CertProviderInstance = "default"
-	IdentityCertName     = "default"
-	RootCertName         = "ROOTCA"
-)
-
-// sniFor is the server name for a service port across networks,
-// outbound_.<port>_._.<hostname>: east-west gateways route on it.
-func sniFor(port uint16, host mesh.Hostname) string {
-	return "outbound_." + strconv.Itoa(int(port)) + "_._." + string(host)
-}
-
 // grpcUpstreamTLS is the mTLS transport socket of a proxyless gRPC cluster: identity and
 // roots from the bootstrap's certificate provider, and the SNI an east-west gateway routes
 // on (grpc-go sends it when GRPC_EXPERIMENTAL_XDS_SNI=true).
@@ -392,9 +515,9 @@ func grpcUpstreamTLS(sni string) (*core.TransportSocket, error) {
 	ctx := &tlsv3.UpstreamTlsContext{
 		Sni: sni,
 		CommonTlsContext: &tlsv3.CommonTlsContext{
-			TlsCertificateProviderInstance: &tlsv3.CertificateProviderPluginInstance{InstanceName: CertProviderInstance, CertificateName: IdentityCertName},
+			TlsCertificateProviderInstance: &tlsv3.CertificateProviderPluginInstance{InstanceName: mesh.CertProviderInstance, CertificateName: mesh.SDSIdentitySecret},
 			ValidationContextType: &tlsv3.CommonTlsContext_ValidationContext{ValidationContext: &tlsv3.CertificateValidationContext{
-				CaCertificateProviderInstance: &tlsv3.CertificateProviderPluginInstance{InstanceName: CertProviderInstance, CertificateName: RootCertName},
+				CaCertificateProviderInstance: &tlsv3.CertificateProviderPluginInstance{InstanceName: mesh.CertProviderInstance, CertificateName: mesh.SDSRootSecret},
 			}},
 		},
 	}
@@ -425,9 +548,9 @@ func envoyUpstreamTLS(sni string) (*core.TransportSocket, error) {
 	ctx := &tlsv3.UpstreamTlsContext{
 		Sni: sni,
 		CommonTlsContext: &tlsv3.CommonTlsContext{
-			TlsCertificateSdsSecretConfigs: []*tlsv3.SdsSecretConfig{{Name: trust.SDSIdentitySecret, SdsConfig: source}},
+			TlsCertificateSdsSecretConfigs: []*tlsv3.SdsSecretConfig{{Name: mesh.SDSIdentitySecret, SdsConfig: source}},
 			ValidationContextType: &tlsv3.CommonTlsContext_ValidationContextSdsSecretConfig{
-				ValidationContextSdsSecretConfig: &tlsv3.SdsSecretConfig{Name: trust.SDSRootSecret, SdsConfig: source}},
+				ValidationContextSdsSecretConfig: &tlsv3.SdsSecretConfig{Name: mesh.SDSRootSecret, SdsConfig: source}},
 		},
 	}
 	a, err := anypb.New(ctx)
@@ -436,9 +559,6 @@ func envoyUpstreamTLS(sni string) (*core.TransportSocket, error) {
 	}
 	return &core.TransportSocket{Name: "envoy.transport_sockets.tls", ConfigType: &core.TransportSocket_TypedConfig{TypedConfig: a}}, nil
 }
-
-// GatewayPort is where east-west gateways take cross-network mTLS.
-const GatewayPort = 15443
 
 // gatewayListener is the Envoy east-west gateway's listener (AUTO_PASSTHROUGH): the TLS
 // inspector reads the SNI, and one filter chain per server name proxies the still

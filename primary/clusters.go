@@ -28,6 +28,10 @@ import (
 // remote secret, and every kubeconfig file of a directory. It reconciles credentials by
 // level: for each source it computes the clusters that should be watched and starts,
 // rotates or stops watchers to match.
+//
+// Clusters owns every goroutine it starts (watchers, credential promotions, removals):
+// run returns only after all of them have exited, so a stopped primary leaves nothing
+// behind that could still write the registry.
 type Clusters struct {
 	reg    *Registry
 	cfg    watcherConfig
@@ -35,22 +39,29 @@ type Clusters struct {
 	log    *slog.Logger
 	// newClient builds a client from a credential; tests replace it.
 	newClient func(*rest.Config) (kubernetes.Interface, error)
+	// wg counts the goroutines started by reconcileSource and removeLocked (stopping a
+	// replaced watcher, promoting a rotated one, removing a cluster). run waits for it
+	// after the sources that call reconcileSource have stopped, so no Add races the Wait.
+	wg sync.WaitGroup
 
-	mu sync.Mutex
-	// entries, refused and removed are guarded by mu.
+	// mu guards the three maps below. It is never held while waiting for a watcher to
+	// stop: stopping waits on informers, and Statuses must stay answerable meanwhile.
+	mu      sync.Mutex
 	entries map[mesh.ClusterID]*clusterEntry
 	refused map[string]ClusterStatus // by source+"|"+key: credentials that cannot be used
 	removed map[mesh.ClusterID]ClusterStatus
 }
 
+// clusterEntry is one watched cluster ID. Its fields are guarded by Clusters.mu.
 type clusterEntry struct {
-	source  string
-	hash    [32]byte
+	source  string   // which source the credential came from ("local", "secret ns/name", "dir path")
+	hash    [32]byte // of the active credential; an unchanged hash means nothing to do
 	active  *clusterWatcher
-	pending *clusterWatcher // a rotated credential, syncing
-	pendErr string
+	pending *clusterWatcher // a rotated credential, syncing beside active
+	pendErr string          // why pending has not been promoted yet, for /debug/clusterz
 }
 
+// newClusters returns a Clusters that watches nothing yet; addLocal and run start it.
 func newClusters(reg *Registry, cfg watcherConfig, policy remote.Policy) *Clusters {
 	return &Clusters{
 		reg: reg, cfg: cfg, policy: policy, log: cfg.Log,
@@ -70,7 +81,8 @@ type credential struct {
 	err     error
 }
 
-// addLocal watches the primary's own cluster.
+// addLocal watches the primary's own cluster. Call it before run, and before the
+// primary reports ready: Ready counts only the clusters already added.
 func (c *Clusters) addLocal(id mesh.ClusterID, client kubernetes.Interface) {
 	w := newClusterWatcher(id, "local", client, c.reg, c.cfg)
 	c.mu.Lock()
@@ -83,10 +95,15 @@ func (c *Clusters) addLocal(id mesh.ClusterID, client kubernetes.Interface) {
 // reconcileSource makes the watched clusters of source match creds (nil creds: the source
 // is gone). Refused credentials are recorded for /debug/clusterz; a cluster ID already
 // watched from another source is refused as a duplicate without disturbing it.
+//
+// Per cluster of the source: gone from creds, it is removed; new, a watcher starts and is
+// enabled at once; the same hash, nothing happens (so a resync of an unchanged Secret
+// costs nothing); a changed hash starts a rotation (promote). It holds c.mu throughout
+// and only starts goroutines, never waits for one.
 func (c *Clusters) reconcileSource(source string, creds []credential) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	for k := range c.refused {
+	for k := range c.refused { // the source's refusals are recomputed from scratch
 		if strings.HasPrefix(k, source+"|") {
 			delete(c.refused, k)
 		}
@@ -140,16 +157,28 @@ func (c *Clusters) reconcileSource(source string, creds []credential) {
 		// Rotation: sync the new credential beside the old one and swap only once it
 		// works, so that the cluster's endpoints never disappear.
 		if e.pending != nil {
-			go e.pending.stop()
+			c.goTracked(e.pending.stop) // an older rotation, superseded
 		}
 		e.pending, e.pendErr = w, ""
 		w.start()
-		go c.promote(id, w, cr.hash)
+		c.goTracked(func() { c.promote(id, w, cr.hash) })
 	}
 }
 
+// goTracked runs f in a goroutine that run waits for. Callers hold mu or are run's own
+// sources, so every Add happens before run's Wait.
+func (c *Clusters) goTracked(f func()) {
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		f()
+	}()
+}
+
 // promote swaps a rotated watcher in once it has synced; if it cannot sync within the
-// sync timeout the old credential stays and the error is shown.
+// sync timeout the old credential stays and the error is shown. It gives up, leaving the
+// entry alone, when w is stopped first (superseded by a newer rotation, the cluster
+// removed, or the primary stopping).
 func (c *Clusters) promote(id mesh.ClusterID, w *clusterWatcher, hash [32]byte) {
 	timer := time.NewTimer(c.cfg.SyncTimeout)
 	defer timer.Stop()
@@ -183,22 +212,68 @@ func (c *Clusters) promote(id mesh.ClusterID, w *clusterWatcher, hash [32]byte) 
 	c.log.Info("rotated cluster credential", "cluster", id)
 }
 
+// removeLocked forgets cluster id (c.mu held) and, in the background, stops its watchers
+// and only then empties its shard, so that a stopping watcher cannot write it again.
 func (c *Clusters) removeLocked(id mesh.ClusterID, e *clusterEntry) {
 	delete(c.entries, id)
 	st := e.active.Status()
 	st.State, st.Since, st.Services, st.Endpoints = StateRemoved, time.Now(), 0, 0
 	c.removed[id] = st
 	active, pending := e.active, e.pending
-	go func() {
+	c.goTracked(func() {
 		if pending != nil {
 			pending.stop()
 		}
 		active.stop()
 		c.reg.ReplaceShard(active.shard, nil)
-	}()
+	})
 }
 
-// stopAll stops every watcher.
+// run reconciles the remote secrets of namespace in the local cluster (client) and, when
+// dir is set, the kubeconfig files of dir every 5 s, until ctx ends. It then stops every
+// watcher and waits for every goroutine Clusters started. The error is the secret
+// watch's: it fails only if its informer cannot be set up.
+func (c *Clusters) run(ctx context.Context, client kubernetes.Interface, namespace, dir string) error {
+	var sources sync.WaitGroup
+	var err error
+	sources.Add(1)
+	go func() {
+		defer sources.Done()
+		err = c.watchSecrets(ctx, client, namespace)
+	}()
+	if dir != "" {
+		sources.Add(1)
+		go func() {
+			defer sources.Done()
+			c.pollDir(ctx, dir, 5*time.Second)
+		}()
+	}
+	<-ctx.Done()
+	sources.Wait() // no reconcileSource after this, so no new tracked goroutine
+	c.stopAll()
+	c.wg.Wait()
+	return err
+}
+
+// pollDir scans dir every interval until ctx ends. A directory that cannot be read is
+// logged and retried: it may be mounted later.
+func (c *Clusters) pollDir(ctx context.Context, dir string, interval time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		if err := c.scanDir(dir); err != nil {
+			c.log.Warn("kubeconfig directory", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// stopAll stops every watcher and waits for each. It leaves the registry shards as they
+// are: the primary is going away, not the clusters.
 func (c *Clusters) stopAll() {
 	c.mu.Lock()
 	entries := c.entries
@@ -212,7 +287,10 @@ func (c *Clusters) stopAll() {
 	}
 }
 
-// Statuses returns every cluster's status, sorted by ID then source.
+// Statuses returns every cluster's status, sorted by ID then source: watched clusters,
+// refused credentials and removed clusters (which stay listed until the ID is watched
+// again). Watcher statuses are read after c.mu is released, so a slow registry read never
+// holds up reconciliation.
 func (c *Clusters) Statuses() []ClusterStatus {
 	type snap struct {
 		w       *clusterWatcher
@@ -285,6 +363,8 @@ func (c *Clusters) watchSecrets(ctx context.Context, client kubernetes.Interface
 }
 
 // reconcileSecret reads the secret key from the cache (absent: deleted) and reconciles.
+// A Secret that does not parse as a whole counts as gone: its clusters are removed
+// rather than kept on credentials nobody can vouch for. Per-key problems are refusals.
 func (c *Clusters) reconcileSecret(key string, idx cache.Indexer) {
 	source := "secret " + key
 	obj, ok, _ := idx.GetByKey(key)
@@ -339,7 +419,8 @@ func (c *Clusters) scanDir(dir string) error {
 	return nil
 }
 
-// client returns the client of the active watcher of cluster id.
+// client returns the client of the active watcher of cluster id (not a pending rotated
+// one, which may not work yet).
 func (c *Clusters) client(id mesh.ClusterID) (kubernetes.Interface, bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()

@@ -75,8 +75,12 @@ func httpGetOK(ctx context.Context, client *http.Client, url string) error {
 	return nil
 }
 
+// systemNamespaces are the namespaces the API server makes itself at start-up.
+var systemNamespaces = []string{"default", "kube-system", "kube-public", "kube-node-lease"}
+
 // waitDefaultServiceAccount waits until the controller manager has made the default
-// service account, which the API server requires before it admits Pods. It is also the
+// service account, which the API server requires before it admits Pods, and the root CA
+// ConfigMap, in every system namespace. It is also the
 // controller manager's readiness check (it serves no probe port), so it fails at once when
 // any component has exited rather than waiting out the timeout.
 func (c *Cluster) waitDefaultServiceAccount(ctx context.Context) error {
@@ -88,11 +92,25 @@ func (c *Cluster) waitDefaultServiceAccount(ctx context.Context) error {
 		if err := c.checkAlive(); err != nil {
 			return backoffStop{err}
 		}
-		_, err := client.CoreV1().ServiceAccounts("default").Get(ctx, "default", metav1.GetOptions{})
-		if apierrors.IsNotFound(err) {
-			return errors.New("the default service account does not exist yet (kube-controller-manager not working?)")
+		// Every system namespace gets its default service account and the root CA
+		// ConfigMap from the controller manager; waiting for all of them, not only
+		// default's, hands tests a cluster that no longer changes by itself (a snapshot
+		// taken earlier sees these objects appear later).
+		for _, ns := range systemNamespaces {
+			if _, err := client.CoreV1().ServiceAccounts(ns).Get(ctx, "default", metav1.GetOptions{}); err != nil {
+				if apierrors.IsNotFound(err) {
+					return fmt.Errorf("the default service account of %s does not exist yet (kube-controller-manager not working?)", ns)
+				}
+				return err
+			}
+			if _, err := client.CoreV1().ConfigMaps(ns).Get(ctx, "kube-root-ca.crt", metav1.GetOptions{}); err != nil {
+				if apierrors.IsNotFound(err) {
+					return fmt.Errorf("the root CA ConfigMap of %s does not exist yet (kube-controller-manager not working?)", ns)
+				}
+				return err
+			}
 		}
-		return err
+		return nil
 	})
 	if err != nil {
 		return fmt.Errorf("wait for kube-controller-manager: %w", err)

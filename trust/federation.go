@@ -73,6 +73,7 @@ type Federation struct {
 type runningPeer struct {
 	rel    Relationship
 	w      *peerWatcher
+	stored *spiffebundle.Bundle // the bundle last written to (or found in) the store
 	cancel context.CancelFunc
 }
 
@@ -267,6 +268,11 @@ func (f *Federation) syncStore(ctx context.Context) error {
 	for _, td := range removed {
 		delete(f.removed, td)
 	}
+	for td, b := range want {
+		if p, ok := f.watchers[td]; ok {
+			p.stored = b
+		}
+	}
 	return nil
 }
 
@@ -287,7 +293,10 @@ func (f *Federation) Status() FederationStatus {
 	f.mu.Lock()
 	st := FederationStatus{Peers: []PeerStatus{}, RelationshipsError: f.relErr, StoreError: f.storeErr}
 	for _, td := range slices.Sorted(maps.Keys(f.watchers)) {
-		st.Peers = append(st.Peers, f.watchers[td].w.Status())
+		p := f.watchers[td]
+		ps := p.w.Status()
+		ps.Stored = p.stored != nil && p.stored.Equal(p.w.InForce())
+		st.Peers = append(st.Peers, ps)
 	}
 	f.mu.Unlock()
 	if f.cfg.Endpoint != nil {

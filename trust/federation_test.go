@@ -336,9 +336,9 @@ func TestFederationKeepsTheStore(t *testing.T) {
 		return w && e
 	})
 	deadline := time.Now().Add(10 * time.Second)
-	for f.Status().Peers[0].State != "ok" {
+	for p := f.Status().Peers[0]; p.State != "ok" || !p.Stored; p = f.Status().Peers[0] {
 		if time.Now().After(deadline) {
-			t.Fatalf("peer never fetched: %+v", f.Status().Peers[0])
+			t.Fatalf("peer never fetched, or its bundle never reported stored: %+v", p)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}

@@ -65,6 +65,9 @@ type PeerStatus struct {
 	LastErrorAt     time.Time `json:"lastErrorAt,omitzero"`
 	// Failures counts consecutive refused fetches.
 	Failures int `json:"failures"`
+	// Stored says the bundle in force is the one the federation last wrote to the bundle
+	// store (agents read the store, so until then they trust the previous bundle).
+	Stored bool `json:"stored"`
 }
 
 // peerWatcher fetches one peer's bundle as its refresh hint asks, keeping the last good

@@ -236,7 +236,7 @@ plugins {
 			return fmt.Errorf("trustz: %+v\n%s", doc.Federation, tail(string(log), 10))
 		}
 		p := doc.Federation.Peers[0]
-		if p.TrustDomain != "spire.example" || p.State != "ok" {
+		if p.TrustDomain != "spire.example" || p.State != "ok" || !p.Stored {
 			return fmt.Errorf("peer %+v", p)
 		}
 		if len(p.Roots) != len(want.X509Authorities()) || p.Roots[0] != trust.Fingerprint(want.X509Authorities()[0].Raw) {

@@ -321,7 +321,11 @@ last success, next refresh, the bundle's age and the last error with its reason.
 						if p.LastError != "" {
 							lastErr = p.LastErrorReason + ": " + p.LastError
 						}
-						fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\n", n, d.TrustDomain, p.TrustDomain, p.State, p.Sequence, last, p.Age, next, lastErr)
+						state := p.State
+						if !p.Stored {
+							state += " (not in the bundle store yet)"
+						}
+						fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\n", n, d.TrustDomain, p.TrustDomain, state, p.Sequence, last, p.Age, next, lastErr)
 					}
 				}
 			})

@@ -52,14 +52,7 @@ func (w *ingressConfigWatcher) run(ctx context.Context) error {
 		case <-t.C:
 		}
 	}
-	changed := make(chan struct{}, 1)
-	notify := func(any) {
-		select {
-		case changed <- struct{}{}:
-		default:
-		}
-	}
-	h := cache.ResourceEventHandlerFuncs{AddFunc: notify, UpdateFunc: func(_, n any) { notify(n) }, DeleteFunc: notify}
+	changed, h := coalescingHandler()
 	ifactory := istioinformers.NewSharedInformerFactory(w.istio, 0)
 	gwInf := ifactory.Networking().V1().Gateways()
 	if _, err := gwInf.Informer().AddEventHandler(h); err != nil {

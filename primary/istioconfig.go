@@ -124,14 +124,7 @@ func (w *istioConfigWatcher) run(ctx context.Context) error {
 	factory := istioinformers.NewSharedInformerFactory(w.client, 0)
 	vsInf := factory.Networking().V1().VirtualServices()
 	drInf := factory.Networking().V1().DestinationRules()
-	changed := make(chan struct{}, 1)
-	notify := func(any) {
-		select {
-		case changed <- struct{}{}:
-		default:
-		}
-	}
-	h := cache.ResourceEventHandlerFuncs{AddFunc: notify, UpdateFunc: func(_, n any) { notify(n) }, DeleteFunc: notify}
+	changed, h := coalescingHandler()
 	if _, err := vsInf.Informer().AddEventHandler(h); err != nil {
 		return fmt.Errorf("primary: istio config: %w", err)
 	}
@@ -232,4 +225,18 @@ func newTrafficConfig(domain string, vss []*networkingv1.VirtualService, drs []*
 	slices.SortFunc(c.VirtualServices, func(a, b *networkingv1.VirtualService) int { return byPrecedence(&a.ObjectMeta, &b.ObjectMeta) })
 	slices.SortFunc(c.DestinationRules, func(a, b *networkingv1.DestinationRule) int { return byPrecedence(&a.ObjectMeta, &b.ObjectMeta) })
 	return c
+}
+
+// coalescingHandler returns an informer event handler that turns any number of adds,
+// updates and deletes into at most one pending signal on changed: the config watchers
+// rebuild from their listers, so only "something changed since the last build" matters.
+func coalescingHandler() (changed chan struct{}, h cache.ResourceEventHandler) {
+	changed = make(chan struct{}, 1)
+	notify := func(any) {
+		select {
+		case changed <- struct{}{}:
+		default:
+		}
+	}
+	return changed, cache.ResourceEventHandlerFuncs{AddFunc: notify, UpdateFunc: func(_, n any) { notify(n) }, DeleteFunc: notify}
 }

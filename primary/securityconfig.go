@@ -90,14 +90,7 @@ func (w *securityConfigWatcher) run(ctx context.Context) error {
 	factory := istioinformers.NewSharedInformerFactory(w.client, 0)
 	apInf := factory.Security().V1().AuthorizationPolicies()
 	paInf := factory.Security().V1().PeerAuthentications()
-	changed := make(chan struct{}, 1)
-	notify := func(any) {
-		select {
-		case changed <- struct{}{}:
-		default:
-		}
-	}
-	h := cache.ResourceEventHandlerFuncs{AddFunc: notify, UpdateFunc: func(_, n any) { notify(n) }, DeleteFunc: notify}
+	changed, h := coalescingHandler()
 	if _, err := apInf.Informer().AddEventHandler(h); err != nil {
 		return fmt.Errorf("primary: security config: %w", err)
 	}

@@ -2,7 +2,7 @@
 // API server validates users' Istio YAML exactly as a cluster with Istio installed does.
 //
 // The definitions are data, not code: networking.gen.yaml is the VirtualService,
-// DestinationRule, ServiceEntry and Sidecar documents of kubernetes/customresourcedefinitions.gen.yaml
+// DestinationRule, Gateway, ServiceEntry and Sidecar documents of kubernetes/customresourcedefinitions.gen.yaml
 // from the istio.io/api module at the version go.mod pins, and security.gen.yaml its
 // AuthorizationPolicy and PeerAuthentication documents (tests keep each equal to the
 // module, so an API upgrade that changes them fails until the file is refreshed).

@@ -10,7 +10,7 @@ import (
 )
 
 // TestDefinitionsMatchIstioAPIModule checks that the embedded file is exactly the
-// VirtualService, DestinationRule, ServiceEntry and Sidecar documents of the istio.io/api module go.mod pins.
+// VirtualService, DestinationRule, Gateway, ServiceEntry and Sidecar documents of the istio.io/api module go.mod pins.
 func TestDefinitionsMatchIstioAPIModule(t *testing.T) {
 	out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "istio.io/api").Output()
 	if err != nil {
@@ -25,7 +25,8 @@ func TestDefinitionsMatchIstioAPIModule(t *testing.T) {
 		if bytes.Contains(doc, []byte("\n  name: virtualservices.networking.istio.io\n")) ||
 			bytes.Contains(doc, []byte("\n  name: destinationrules.networking.istio.io\n")) ||
 			bytes.Contains(doc, []byte("\n  name: serviceentries.networking.istio.io\n")) ||
-			bytes.Contains(doc, []byte("\n  name: sidecars.networking.istio.io\n")) {
+			bytes.Contains(doc, []byte("\n  name: sidecars.networking.istio.io\n")) ||
+			bytes.Contains(doc, []byte("\n  name: gateways.networking.istio.io\n")) {
 			want = append(want, doc)
 		}
 	}
@@ -42,7 +43,7 @@ func TestDefinitionsMatchIstioAPIModule(t *testing.T) {
 			names = append(names, c.Name)
 		}
 	}
-	if strings.Join(names, ",") != "destinationrules.networking.istio.io,serviceentries.networking.istio.io,sidecars.networking.istio.io,virtualservices.networking.istio.io" {
+	if strings.Join(names, ",") != "destinationrules.networking.istio.io,gateways.networking.istio.io,serviceentries.networking.istio.io,sidecars.networking.istio.io,virtualservices.networking.istio.io" {
 		t.Fatalf("definitions: %v", names)
 	}
 }

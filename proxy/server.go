@@ -58,6 +58,7 @@ type Proxy struct {
 	mu        sync.Mutex
 	listeners map[uint16]*portServer
 	closed    bool
+	applied   time.Time // when the current snapshot was applied; guarded by mu
 	wg        sync.WaitGroup
 
 	rr         atomic.Uint64
@@ -124,6 +125,7 @@ func (p *Proxy) Apply(s *Snapshot) {
 	if p.closed {
 		return
 	}
+	p.applied = time.Now()
 	want := map[uint16]string{}
 	for name, l := range s.Listeners {
 		want[l.Port] = name

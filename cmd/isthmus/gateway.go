@@ -86,7 +86,7 @@ by the names peers give them (outbound_.<port>_._.<name>.<ns>.svc.<mesh ID>.isth
 	}
 	f := cmd.Flags()
 	f.StringVar(&xdsAddr, "xds-address", "localhost:15012", "the primary's xDS address (its secure port, beside the CA)")
-	dialFlags.register(f)
+	dialFlags.register(f, "istio-system/istio-eastwestgateway")
 	f.StringVar(&network, "network", "", "the gateway's network (required)")
 	f.StringVar(&cluster, "cluster-id", "", "the cluster the gateway runs in (required)")
 	f.StringVar(&listen, "listen", ":15443", "address for cross-network mTLS traffic")

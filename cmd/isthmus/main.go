@@ -61,7 +61,7 @@ Start here:
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newClusterCommand(), newPrimaryCommand(), newGatewayCommand(), newRemoteSecretCommand(), newStatusCommand(), newTrustCommand(), newVersionCommand(),
+	root.AddCommand(newClusterCommand(), newPrimaryCommand(), newGatewayCommand(), newProxyCommand(), newRemoteSecretCommand(), newStatusCommand(), newTrustCommand(), newVersionCommand(),
 		newUpCommand(), newDownCommand(), newScenarioCommand(), newWorkloadCommand(), newAgentCommand(), newMeshCommand(),
 		newInstallCommand(), newUninstallCommand(), newImageCommand())
 	return root

@@ -38,15 +38,30 @@ type xdsDialFlags struct {
 // serviceAccount ("namespace/name") with the CA's audience, and renewed before it
 // expires; the primary reviews it in cluster.
 func (f xdsDialFlags) dial(addr string, cluster mesh.ClusterID) (*grpc.ClientConn, error) {
+	conn, _, err := f.dialSecure(addr, cluster)
+	return conn, err
+}
+
+// secureXDS is what a secure xDS connection was made with, for components that also call
+// the CA on the same port (the CSR API beside xDS, as istiod serves it): its TLS
+// configuration and its token source. Both are nil for a plaintext connection.
+type secureXDS struct {
+	tls   *tls.Config
+	token *tokenCreds
+}
+
+// dialSecure is dial, also returning what the secure connection was made with.
+func (f xdsDialFlags) dialSecure(addr string, cluster mesh.ClusterID) (*grpc.ClientConn, secureXDS, error) {
 	if f.plaintext {
-		return grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		return conn, secureXDS{}, err
 	}
 	if f.rootCert == "" || f.serviceAccount == "" {
-		return nil, errors.New("secure xDS needs --xds-root-cert and --service-account, and --kubeconfig outside a pod (or --plaintext-xds for a plaintext primary)")
+		return nil, secureXDS{}, errors.New("secure xDS needs --xds-root-cert and --service-account, and --kubeconfig outside a pod (or --plaintext-xds for a plaintext primary)")
 	}
 	ns, sa, ok := strings.Cut(f.serviceAccount, "/")
 	if !ok || ns == "" || sa == "" {
-		return nil, fmt.Errorf("--service-account %q: want NAMESPACE/NAME", f.serviceAccount)
+		return nil, secureXDS{}, fmt.Errorf("--service-account %q: want NAMESPACE/NAME", f.serviceAccount)
 	}
 	// Without --kubeconfig the component runs in a pod (deploy's Deployments): its own
 	// service account's in-cluster credentials request the token.
@@ -56,14 +71,14 @@ func (f xdsDialFlags) dial(addr string, cluster mesh.ClusterID) (*grpc.ClientCon
 	)
 	if f.kubeconfig == "" {
 		if rc, err = rest.InClusterConfig(); err != nil {
-			return nil, fmt.Errorf("no --kubeconfig and not in a pod: %w", err)
+			return nil, secureXDS{}, fmt.Errorf("no --kubeconfig and not in a pod: %w", err)
 		}
 	} else if rc, err = clientcmd.BuildConfigFromFlags("", f.kubeconfig); err != nil {
-		return nil, fmt.Errorf("--kubeconfig: %w", err)
+		return nil, secureXDS{}, fmt.Errorf("--kubeconfig: %w", err)
 	}
 	client, err := kubernetes.NewForConfig(rc)
 	if err != nil {
-		return nil, err
+		return nil, secureXDS{}, err
 	}
 	name := f.serverName
 	if name == "" {
@@ -75,20 +90,21 @@ func (f xdsDialFlags) dial(addr string, cluster mesh.ClusterID) (*grpc.ClientCon
 	}
 	tc, err := xdsTLS(f.rootCert, name)
 	if err != nil {
-		return nil, err
+		return nil, secureXDS{}, err
 	}
-	opts := []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(tc)),
-		grpc.WithPerRPCCredentials(&tokenCreds{client: client, namespace: ns, name: sa, cluster: cluster})}
+	tok := &tokenCreds{client: client, namespace: ns, name: sa, cluster: cluster}
+	opts := []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(tc)), grpc.WithPerRPCCredentials(tok)}
 	if f.netns != "" {
 		// From inside a network namespace: a remote cluster's gateway reaching its
 		// primary through the primary network's gateway.
 		nsh, err := netlab.Open(f.netns)
 		if err != nil {
-			return nil, fmt.Errorf("--xds-netns: %w", err)
+			return nil, secureXDS{}, fmt.Errorf("--xds-netns: %w", err)
 		}
 		opts = append(opts, grpc.WithContextDialer(func(ctx context.Context, a string) (net.Conn, error) { return nsh.Dial(ctx, a) }))
 	}
-	return grpc.NewClient("passthrough:///"+addr, opts...)
+	conn, err := grpc.NewClient("passthrough:///"+addr, opts...)
+	return conn, secureXDS{tls: tc, token: tok}, err
 }
 
 // xdsTLS is the TLS configuration of a secure xDS connection to the primary: its
@@ -142,16 +158,27 @@ func (t *tokenCreds) GetRequestMetadata(ctx context.Context, _ ...string) (map[s
 	return map[string]string{"authorization": "Bearer " + t.tok, "clusterid": string(t.cluster)}, nil
 }
 
+// Token returns the current token (requested or renewed as GetRequestMetadata does), for
+// calls that set their own metadata, such as the certificate agent's CSRs.
+func (t *tokenCreds) Token() (string, error) {
+	md, err := t.GetRequestMetadata(context.Background())
+	if err != nil {
+		return "", err
+	}
+	return strings.TrimPrefix(md["authorization"], "Bearer "), nil
+}
+
 // RequireTransportSecurity implements credentials.PerRPCCredentials: tokens go over TLS only.
 func (t *tokenCreds) RequireTransportSecurity() bool { return true }
 
+// register adds the flags; serviceAccount is the default of --service-account.
 func (f *xdsDialFlags) register(fs interface {
 	StringVar(*string, string, string, string)
 	BoolVar(*bool, string, bool, string)
-}) {
+}, serviceAccount string) {
 	fs.StringVar(&f.rootCert, "xds-root-cert", "", "mesh root certificate file that verifies the primary's secure xDS port")
 	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig of this component's cluster, to request its service-account token (default in a pod: its in-cluster credentials)")
-	fs.StringVar(&f.serviceAccount, "service-account", "istio-system/istio-eastwestgateway", "NAMESPACE/NAME whose token authenticates to the primary")
+	fs.StringVar(&f.serviceAccount, "service-account", serviceAccount, "NAMESPACE/NAME whose token authenticates to the primary")
 	fs.StringVar(&f.serverName, "xds-server-name", "", "TLS name of the primary (default: the address's host name, else istiod.istio-system.svc)")
 	fs.StringVar(&f.netns, "xds-netns", "", "network namespace to dial the primary from (a remote cluster's gateway reaching it through another gateway)")
 	fs.BoolVar(&f.plaintext, "plaintext-xds", false, "connect to a plaintext xDS port (a primary run with --plaintext-xds-address)")

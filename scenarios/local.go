@@ -55,7 +55,7 @@ func (l *Local) Start(ctx context.Context, t *Topology, dir string, progress fun
 		return nil, errors.New("scenarios: local provider: Binary and Kube are required")
 	}
 	useNS := !l.NoNamespaces && os.Geteuid() == 0
-	if t.MultiNetwork() && !useNS {
+	if (t.MultiNetwork() || t.Ingress != nil) && !useNS {
 		return nil, ErrNeedsNamespaces
 	}
 	e := &localEnv{p: l, t: t, dir: dir, nets: map[string]*localNet{}, podAddrs: map[netip.Addr]bool{}}
@@ -126,6 +126,10 @@ type localEnv struct {
 	// saved by the first partition, for heals (local_fault.go). Guarded by mu.
 	args   map[*Component][]string
 	routes map[string][]nsRoute
+	// external is the namespace outside every mesh network that ingress clients run in,
+	// and externalLinks the networks linked to it; both guarded by mu.
+	external      *netlab.Namespace
+	externalLinks map[string]bool
 }
 
 // Addressing inside the shared address space 100.64.0.0/10 (RFC 6598), which no pod CIDR
@@ -343,6 +347,9 @@ func (e *localEnv) StartWorkload(ctx context.Context, s PodSpec) (*Component, er
 		if s.XDSServer {
 			args = append(args, "--xds-server")
 		}
+		if s.HTTPPort > 0 {
+			args = append(args, "--http-port", strconv.Itoa(s.HTTPPort))
+		}
 		for _, k := range slices.Sorted(maps.Keys(s.Labels)) {
 			args = append(args, "--label", k+"="+s.Labels[k])
 		}
@@ -356,6 +363,75 @@ func (e *localEnv) StartWorkload(ctx context.Context, s PodSpec) (*Component, er
 		}
 		return &Component{Kind: "workload", Name: s.Pod, Cluster: c.Name, Network: c.Network, Addresses: addr}, args
 	})
+}
+
+// StartIngress implements Environment: the proxy lives in the cluster's network
+// namespace (a pod on that network) and listens on the network's side of a link to the
+// external namespace, 100.120.<g>.1 (the external side is .2); the external namespace
+// has no other route, and forwarding is off on both, so a client there reaches the
+// ingress's ports and nothing else of the mesh.
+func (e *localEnv) StartIngress(ctx context.Context, s IngressProxySpec) (*Component, error) {
+	c, err := e.cluster(s.Cluster)
+	if err != nil {
+		return nil, err
+	}
+	public, err := e.externalLink(string(c.Network))
+	if err != nil {
+		return nil, err
+	}
+	n := e.nets[string(c.Network)]
+	return e.run(ctx, 1, func(ports []int) (*Component, []string) {
+		addr := map[string]string{"listen": public.String(), "http": hostPort(ports[0])}
+		args := []string{"proxy", "--mode", "ingress", "--netns", n.pods.Name, "--listen-address", public.String(),
+			"--http-address", addr["http"], "--xds-address", s.XDS, "--xds-root-cert", s.RootCert,
+			"--kubeconfig", c.Kubeconfig, "--service-account", SystemNamespace + "/" + IngressServiceAccount,
+			"--network", string(c.Network), "--cluster-id", c.Name, "--name", s.Name, "--label", "istio=ingressgateway",
+			"--cert-dir", filepath.Join(e.dir, "ingress", s.Name)}
+		return &Component{Kind: "ingress", Name: s.Name, Cluster: c.Name, Network: c.Network, Addresses: addr,
+			Public: netip.AddrPortFrom(public, 0)}, args
+	})
+}
+
+// externalLink returns the address an ingress on network listens on, creating the
+// external namespace and its link to the network the first time.
+func (e *localEnv) externalLink(network string) (netip.Addr, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	n, ok := e.nets[network]
+	if !ok {
+		return netip.Addr{}, ErrNeedsNamespaces
+	}
+	gi := slices.IndexFunc(e.t.Networks, func(s NetworkSpec) bool { return s.Name == network }) + 1
+	public := netip.AddrFrom4([4]byte{100, 120, byte(gi), 1})
+	if e.external == nil {
+		ns, err := netlab.New("ext")
+		if err != nil {
+			return netip.Addr{}, fmt.Errorf("scenarios: external namespace: %w", err)
+		}
+		if err := ns.NoForwarding(); err != nil {
+			ns.Close()
+			return netip.Addr{}, err
+		}
+		e.external = ns
+		e.externalLinks = map[string]bool{}
+	}
+	if !e.externalLinks[network] {
+		if err := netlab.Link(n.pods, e.external, pfx(100, 120, gi, 1), pfx(100, 120, gi, 2)); err != nil {
+			return netip.Addr{}, fmt.Errorf("scenarios: link the external namespace to %s: %w", network, err)
+		}
+		e.externalLinks[network] = true
+	}
+	return public, nil
+}
+
+// ExternalCommand implements Environment.
+func (e *localEnv) ExternalCommand() []string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.external == nil {
+		return nil
+	}
+	return []string{"ip", "netns", "exec", e.external.Name}
 }
 
 // podAddress gives pod index of cluster c its address: in the cluster's pod CIDR on its
@@ -533,6 +609,9 @@ func (e *localEnv) Close() error {
 				errs = append(errs, ns.Close())
 			}
 		}
+	}
+	if e.external != nil {
+		errs = append(errs, e.external.Close())
 	}
 	return errors.Join(errs...)
 }

@@ -35,6 +35,14 @@ type Environment interface {
 	StartGateway(ctx context.Context, spec GatewaySpec) (*Component, error)
 	// StartWorkload runs one pod of a workload (or a cluster's probe client).
 	StartWorkload(ctx context.Context, spec PodSpec) (*Component, error)
+	// StartIngress runs an ingress gateway (`isthmus proxy --mode ingress`) on a
+	// cluster's network; its Public address is what clients outside every mesh network
+	// reach, and it is ready once every listener its Gateways configure is open.
+	StartIngress(ctx context.Context, spec IngressProxySpec) (*Component, error)
+	// ExternalCommand returns the command prefix that runs a program outside every mesh
+	// network, where only the ingresses' Public addresses are reachable (nil when
+	// networks are not separated).
+	ExternalCommand() []string
 	// NetworkCommand returns the command prefix that runs a program on a network (for
 	// the "how to explore" help), or nil when networks are not separated.
 	NetworkCommand(network string) []string
@@ -96,6 +104,23 @@ type GatewaySpec struct {
 	Federation netip.AddrPort
 }
 
+// IngressProxySpec asks for an ingress gateway.
+type IngressProxySpec struct {
+	// Cluster is the cluster the ingress runs in, on the cluster's network; XDS is its
+	// primary's secure xDS (and CA) address, RootCert the file that verifies it.
+	Cluster  string
+	XDS      string
+	RootCert string
+	// Name is the ingress pod's name; it authenticates with the token of
+	// IngressServiceAccount in SystemNamespace and carries the pod label
+	// istio=ingressgateway, which Gateway selectors match.
+	Name string
+}
+
+// IngressServiceAccount is the identity of ingress gateways, in SystemNamespace (Istio's
+// name for it): their token at the primary, and their mesh certificate's SPIFFE ID.
+const IngressServiceAccount = "istio-ingressgateway-service-account"
+
 // GatewayServiceAccount is the identity east-west gateways authenticate to the primary
 // with, in SystemNamespace (Istio's name for it).
 const GatewayServiceAccount = "istio-eastwestgateway"
@@ -123,6 +148,8 @@ type PodSpec struct {
 	XDSServer bool
 	// Labels are extra Pod labels (WorkloadSpec.Labels of its cluster).
 	Labels map[string]string
+	// HTTPPort also serves HTTP on the pod's address (WorkloadSpec.HTTPPort); 0: none.
+	HTTPPort int
 	// Locality is the pod's, for its xDS node (its cluster's region and zone).
 	Locality mesh.Locality
 }

@@ -52,6 +52,10 @@ type Run struct {
 	Gateways  map[string]*Component // by network
 	Workloads []*Component
 	Clients   map[string]*Component // by cluster
+	// Ingress is the ingress gateway, once RunIngress started it; ingressCA is the file
+	// of the CA its certificate chains to (what curl trusts).
+	Ingress   *Component
+	ingressCA string
 	// Started is when Up began.
 	Started time.Time
 	// CADirs are the primaries' plug-in CA directories by cluster (a root rotation
@@ -308,7 +312,7 @@ func (r *Run) startWorkloads(ctx context.Context, progress func(string)) error {
 			for i := range w.Replicas[c.Name] {
 				s := base
 				s.Namespace, s.App, s.ServiceAccount, s.Port, s.Index = w.Namespace, w.Service, w.Service, w.Port, index
-				s.XDSServer = w.XDSServer
+				s.XDSServer, s.HTTPPort = w.XDSServer, w.HTTPPort
 				s.Pod = fmt.Sprintf("%s-%s-%d", w.Service, c.Name, i+1)
 				s.Labels = w.Labels[c.Name]
 				jobs = append(jobs, job{s, "workload"})
@@ -385,12 +389,15 @@ func (r *Run) prepareCluster(ctx context.Context, c *Cluster) error {
 		if !listed && !exported { // an exported Service exists where its ServiceExport is
 			continue
 		}
+		ports := []corev1.ServicePort{{Name: "grpc", Port: int32(w.Port), TargetPort: intstr.FromString("grpc")}}
+		if w.HTTPPort > 0 {
+			ports = append(ports, corev1.ServicePort{Name: "http", Port: int32(w.HTTPPort), TargetPort: intstr.FromString("http")})
+		}
 		objs = append(objs,
 			&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: w.Namespace}},
 			&corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: w.Service, Namespace: w.Namespace}},
 			&corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: w.Service, Namespace: w.Namespace},
-				Spec: corev1.ServiceSpec{Selector: map[string]string{"app": w.Service},
-					Ports: []corev1.ServicePort{{Name: "grpc", Port: int32(w.Port), TargetPort: intstr.FromString("grpc")}}}})
+				Spec: corev1.ServiceSpec{Selector: map[string]string{"app": w.Service}, Ports: ports}})
 	}
 	for _, o := range objs {
 		if err := apply(ctx, c.Client, o); err != nil {

@@ -76,6 +76,10 @@ type Topology struct {
 	// Traffic makes a traffic-management scenario (traffic.go): Istio configuration
 	// applied to every primary's cluster, and checks measured from the clients.
 	Traffic *TrafficSpec `json:"traffic,omitempty"`
+
+	// Ingress makes an ingress scenario (ingress.go): an ingress gateway configured by
+	// Istio's Gateway, and checks made with curl from outside every mesh network.
+	Ingress *IngressSpec `json:"ingress,omitempty"`
 }
 
 // MeshSpec names the mesh.
@@ -145,6 +149,9 @@ type WorkloadSpec struct {
 	// Labels are extra pod labels per cluster (e.g. version: v1 in cluster-1), which
 	// DestinationRule subsets select on.
 	Labels map[string]map[string]string `json:"labels,omitempty"`
+	// HTTPPort, when set, makes the pods also serve HTTP with mTLS on this port, the
+	// Service's port "http" (the ingress scenario's backends); it must differ from Port.
+	HTTPPort int `json:"httpPort,omitempty"`
 }
 
 // Expectation says which clusters must answer a client in From calling Service.
@@ -293,6 +300,9 @@ func (t *Topology) Validate() error {
 		} else if w.Port < 1 || w.Port > 65535 {
 			add("workloads[%d].port: %d is not a port", i, w.Port)
 		}
+		if w.HTTPPort != 0 && (w.HTTPPort < 1 || w.HTTPPort > 65535 || w.HTTPPort == t.Workloads[i].Port) {
+			add("workloads[%d].httpPort: %d is not a port other than the gRPC port %d", i, w.HTTPPort, t.Workloads[i].Port)
+		}
 		key := w.Service + "." + w.Namespace
 		if _, dup := services[key]; dup {
 			add("workloads[%d]: duplicate service %q", i, key)
@@ -342,6 +352,7 @@ func (t *Topology) Validate() error {
 	t.validatePhases(add, clusters, services)
 	t.validateTrust(add)
 	t.validateTraffic(add, clusters, services)
+	t.validateIngress(add, clusters)
 
 	if len(p) > 0 {
 		return &ValidationError{Problems: p}

@@ -294,6 +294,17 @@ func applyIstio(ctx context.Context, ic istioclient.Interface, obj any) error {
 				_, err = c.Update(ctx, o, metav1.UpdateOptions{})
 			}
 		}
+	case *networkingv1.Gateway:
+		c := ic.NetworkingV1().Gateways(o.Namespace)
+		if _, err = c.Create(ctx, o, metav1.CreateOptions{}); apierrors.IsAlreadyExists(err) {
+			var cur *networkingv1.Gateway
+			if cur, err = c.Get(ctx, o.Name, metav1.GetOptions{}); err == nil {
+				o.ResourceVersion = cur.ResourceVersion
+				_, err = c.Update(ctx, o, metav1.UpdateOptions{})
+			}
+		}
+	default:
+		return fmt.Errorf("applying %T: not an Istio kind the runner applies", obj)
 	}
 	if err != nil {
 		return fmt.Errorf("applying %T: %w", obj, err)
@@ -309,17 +320,17 @@ func waitApplied(ctx context.Context, httpAddr string, n int, timeout time.Durat
 		var cz primary.ConfigzResponse
 		err := getJSON(ctx, "http://"+httpAddr+"/debug/configz", &cz)
 		if err == nil {
-			applied := 0
+			var applied []string
 			for _, o := range cz.Objects {
 				if !o.Applied {
 					return fmt.Errorf("%s %s/%s refused: %s: %s", o.Kind, o.Namespace, o.Name, o.Reason, o.Message)
 				}
-				applied++
+				applied = append(applied, o.Kind+" "+o.Namespace+"/"+o.Name)
 			}
-			if applied >= n {
+			if len(applied) >= n {
 				return nil
 			}
-			err = fmt.Errorf("%d of %d objects applied", applied, n)
+			err = fmt.Errorf("%d of %d objects applied (%s)", len(applied), n, strings.Join(applied, ", "))
 		}
 		if time.Now().After(deadline) {
 			return fmt.Errorf("traffic configuration not applied after %s: %w", timeout, err)

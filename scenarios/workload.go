@@ -82,6 +82,10 @@ type WorkloadConfig struct {
 	// Labels are added to the Pod's (e.g. version: v1, which DestinationRule subsets
 	// select on); app and the TLS mode are always set.
 	Labels map[string]string
+	// HTTPPort, when set, also serves plain HTTP (HTTP/1.1 and HTTP/2) with mTLS on the
+	// pod address at this port, its container port "http": each request is answered
+	// with an HTTPAnswer, for ingress and HTTP clients (WorkloadSpec.HTTPPort).
+	HTTPPort int
 	// Log receives the workload's events; nil discards.
 	Log *slog.Logger
 }
@@ -281,6 +285,13 @@ func (w *workload) serve(ctx context.Context) error {
 	go func() { serveErr <- s.Serve(l) }()
 	defer s.Stop()
 
+	if w.cfg.HTTPPort > 0 {
+		hs, err := w.serveHTTP()
+		if err != nil {
+			return err
+		}
+		defer hs.Close()
+	}
 	if err := w.createPod(ctx); err != nil {
 		return err
 	}
@@ -315,7 +326,7 @@ func (w *workload) createPod(ctx context.Context) error {
 			Annotations: map[string]string{kubelocal.PodIPAnnotation: w.cfg.Listen.Addr().String()}},
 		Spec: corev1.PodSpec{ServiceAccountName: w.cfg.ServiceAccount, Containers: []corev1.Container{{
 			Name: "workload", Image: "isthmus-workload",
-			Ports: []corev1.ContainerPort{{Name: "grpc", ContainerPort: int32(w.cfg.Listen.Port())}},
+			Ports: w.containerPorts(),
 		}}},
 	}
 	pods := w.cfg.Client.CoreV1().Pods(w.cfg.Namespace)
@@ -337,6 +348,73 @@ func (w *workload) createPod(ctx context.Context) error {
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
+}
+
+// containerPorts are the pod's named ports, which its Service's target ports name.
+func (w *workload) containerPorts() []corev1.ContainerPort {
+	ports := []corev1.ContainerPort{{Name: "grpc", ContainerPort: int32(w.cfg.Listen.Port())}}
+	if w.cfg.HTTPPort > 0 {
+		ports = append(ports, corev1.ContainerPort{Name: "http", ContainerPort: int32(w.cfg.HTTPPort)})
+	}
+	return ports
+}
+
+// HTTPAnswer is what the workload's HTTP port answers (as JSON): who answered, whom it
+// saw, and the request as it arrived.
+type HTTPAnswer struct {
+	Cluster string `json:"cluster"`
+	Pod     string `json:"pod"`
+	// CallerIdentity is the SPIFFE ID in the client's certificate (the proxy's, for a
+	// call through an ingress).
+	CallerIdentity string `json:"callerIdentity"`
+	Method         string `json:"method"`
+	Host           string `json:"host"`
+	Path           string `json:"path"`
+	Proto          string `json:"proto"`
+	// ForwardedFor is the X-Forwarded-For header the request arrived with.
+	ForwardedFor string `json:"forwardedFor,omitempty"`
+}
+
+// serveHTTP serves HTTPAnswers on the HTTP port with the echo server's mTLS (callers
+// verified against their own trust domain's bundle), HTTP/2 by ALPN.
+func (w *workload) serveHTTP() (*http.Server, error) {
+	addr := netip.AddrPortFrom(w.cfg.Listen.Addr(), uint16(w.cfg.HTTPPort)).String()
+	var (
+		l   net.Listener
+		err error
+	)
+	if w.cfg.Netns != nil {
+		l, err = w.cfg.Netns.Listen(addr)
+	} else {
+		l, err = net.Listen("tcp", addr)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("scenarios: workload: listen on the pod's HTTP address %s: %w", addr, err)
+	}
+	hs := &http.Server{ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(w.cfg.Log.Handler(), slog.LevelDebug),
+		TLSConfig: &tls.Config{MinVersion: tls.VersionTLS12, NextProtos: []string{"h2", "http/1.1"},
+			GetConfigForClient: func(hi *tls.ClientHelloInfo) (*tls.Config, error) {
+				c, err := w.serverTLS(hi)
+				if err == nil {
+					c.NextProtos = []string{"h2", "http/1.1"}
+				}
+				return c, err
+			}},
+		Handler: http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+			if w.failing.Load() {
+				http.Error(rw, "failing (/fail)", http.StatusServiceUnavailable)
+				return
+			}
+			a := HTTPAnswer{Cluster: string(w.cfg.Cluster), Pod: w.cfg.Pod, Method: r.Method, Host: r.Host,
+				Path: r.URL.RequestURI(), Proto: r.Proto, ForwardedFor: r.Header.Get("X-Forwarded-For")}
+			if r.TLS != nil && len(r.TLS.PeerCertificates) > 0 && len(r.TLS.PeerCertificates[0].URIs) == 1 {
+				a.CallerIdentity = r.TLS.PeerCertificates[0].URIs[0].String()
+			}
+			rw.Header().Set("Content-Type", "application/json")
+			json.NewEncoder(rw).Encode(a)
+		})}
+	go hs.ServeTLS(l, "", "")
+	return hs, nil
 }
 
 func (w *workload) deletePod() {

@@ -231,7 +231,15 @@ Exit codes: 0 every expectation holds; 1 some cell or phase failed or the scenar
 					return err
 				}
 			}
-			passed := rep.Passed && (res.Faults == nil || res.Faults.Passed) && (res.Traffic == nil || res.Traffic.Passed)
+			if rep.Passed && t.Ingress != nil {
+				start := time.Now()
+				progress := func(s string) { fmt.Fprintf(cmd.ErrOrStderr(), "[%5.1fs] %s\n", time.Since(start).Seconds(), s) }
+				if res.Ingress, err = r.RunIngress(cmd.Context(), scenarios.IngressOptions{Timeout: f.timeout, Progress: progress}); err != nil {
+					return err
+				}
+			}
+			passed := rep.Passed && (res.Faults == nil || res.Faults.Passed) && (res.Traffic == nil || res.Traffic.Passed) &&
+				(res.Ingress == nil || res.Ingress.Passed)
 			if passed {
 				defer os.RemoveAll(runDir) // after Close; a failed run keeps its logs
 			}
@@ -246,6 +254,11 @@ Exit codes: 0 every expectation holds; 1 some cell or phase failed or the scenar
 					tw.Flush()
 					fmt.Fprintln(tw)
 					res.Traffic.WriteTable(tw)
+				}
+				if res.Ingress != nil {
+					tw.Flush()
+					fmt.Fprintln(tw)
+					res.Ingress.WriteTable(tw)
 				}
 			}); err != nil {
 				return err
@@ -269,6 +282,7 @@ type scenarioResult struct {
 	*scenarios.Report
 	Faults  *scenarios.FaultReport   `json:"faults,omitempty"`
 	Traffic *scenarios.TrafficReport `json:"traffic,omitempty"`
+	Ingress *scenarios.IngressReport `json:"ingress,omitempty"`
 }
 
 // addFaults adds the --fault specs to t and validates the whole again, so that a bad

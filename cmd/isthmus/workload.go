@@ -180,6 +180,7 @@ runner starts these; run it by hand to add a pod to a running scenario.`,
 	f.StringVar(&cfg.Dir, "dir", "", "directory for the certificate files")
 	f.StringVar(&cfg.AdminAddress, "admin-address", "127.0.0.1:15020", "address of /readyz, /probe, /load/* and /metrics")
 	f.DurationVar(&cfg.CertTTL, "cert-ttl", time.Hour, "validity of the certificates to ask for (renewed at half)")
+	f.IntVar(&cfg.HTTPPort, "http-port", 0, "also serve HTTP (HTTP/1.1 and HTTP/2) with mTLS on the pod address at this port, answering who served the request")
 	f.BoolVar(&cfg.XDSServer, "xds-server", false, "serve through grpc-go's xds.NewGRPCServer: mTLS, AuthorizationPolicy and PeerAuthentication from the primary's inbound Listener")
 	f.BoolVar(&cpFromNetns, "control-plane-from-netns", false, "dial the CA and xDS from inside --netns (a remote cluster's pod reaching its primary through a gateway)")
 	f.StringToStringVar(&cfg.Labels, "label", nil, "an extra pod label KEY=VALUE, e.g. version=v1 (repeatable)")

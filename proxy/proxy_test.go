@@ -338,9 +338,13 @@ func TestIngressEndToEnd(t *testing.T) {
 	// Oversized headers: 431.
 	req, _ := http.NewRequest("GET", "https://echo.example.com/v1", nil)
 	req.Header.Set("X-Big", strings.Repeat("a", 70<<10))
-	if resp, err := h.client(false).Do(req); err != nil || resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
+	big := h.client(false)
+	if resp, err := big.Do(req); err != nil || resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
 		t.Errorf("oversized headers: %v %v", resp, err)
+	} else {
+		resp.Body.Close()
 	}
+	big.CloseIdleConnections()
 	// Malformed HTTP: 400 and the connection closed.
 	conn, err := net.Dial("tcp", h.addr(80))
 	if err != nil {
@@ -355,6 +359,21 @@ func TestIngressEndToEnd(t *testing.T) {
 	}
 	if n := testutil.ToFloat64(requests(h, "0.0.0.0_443", "404")); n < 4 {
 		t.Errorf("404s counted: %v", n)
+	}
+	// The oversized headers and the malformed request were answered by net/http without
+	// a handler; both are counted when their connections close.
+	waitCounter(t, func() prometheus.Collector { return refused(h, proxy.RefuseBadHTTP) }, 2)
+}
+
+// waitCounter waits up to 10 s for the counter c reads to reach at least want.
+func waitCounter(t *testing.T, c func() prometheus.Collector, want float64) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for testutil.ToFloat64(c()) < want {
+		if time.Now().After(deadline) {
+			t.Fatalf("counter %v, want ≥ %v", testutil.ToFloat64(c()), want)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
 

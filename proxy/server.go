@@ -180,7 +180,9 @@ func (p *Proxy) newPortServer(name string, ln net.Listener) *portServer {
 		h := http.Handler(&handler{ps: ps, secure: secure})
 		srv := &http.Server{
 			ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 5 * time.Minute, MaxHeaderBytes: 60 << 10,
-			ErrorLog: slog.NewLogLogger(p.opt.Log.Handler(), slog.LevelDebug),
+			ErrorLog:    slog.NewLogLogger(p.opt.Log.Handler(), slog.LevelDebug),
+			ConnContext: func(ctx context.Context, c net.Conn) context.Context { return context.WithValue(ctx, connKey{}, trackedOf(c)) },
+			ConnState:   p.connState,
 		}
 		h2 := &http2.Server{MaxConcurrentStreams: 250, IdleTimeout: 5 * time.Minute}
 		if secure {
@@ -253,7 +255,8 @@ func chainFor(l *Listener, sni string) *Chain {
 	return best
 }
 
-func (ps *portServer) handle(c net.Conn) {
+func (ps *portServer) handle(nc net.Conn) {
+	c := &trackedConn{Conn: nc}
 	s, l := ps.listener()
 	if l == nil {
 		c.Close()
@@ -353,6 +356,9 @@ type handler struct {
 type upstreamKey struct{}
 
 func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if tc, _ := r.Context().Value(connKey{}).(*trackedConn); tc != nil {
+		tc.served.Store(true)
+	}
 	ps := h.ps
 	s, l := ps.listener()
 	code := h.serve(s, l, w, r)
@@ -571,3 +577,53 @@ func (l *chanListener) Close() error {
 }
 
 func (l *chanListener) Addr() net.Addr { return l.addr }
+
+// trackedConn is a downstream connection that knows whether any bytes arrived on it and
+// whether any request on it reached the handler: one closed with bytes read and no
+// request served was refused by the HTTP server itself (a malformed request, oversized
+// headers, headers or a request line too slow), which net/http answers without calling a
+// handler, so connState counts it as RefuseBadHTTP.
+type trackedConn struct {
+	net.Conn
+	read   atomic.Bool
+	served atomic.Bool
+}
+
+func (c *trackedConn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	if n > 0 {
+		c.read.Store(true)
+	}
+	return n, err
+}
+
+type connKey struct{}
+
+// trackedOf finds the trackedConn under a TLS connection and the replayed ClientHello.
+func trackedOf(c net.Conn) *trackedConn {
+	if t, ok := c.(*tls.Conn); ok {
+		c = t.NetConn()
+	}
+	if r, ok := c.(*replayConn); ok {
+		c = r.Conn
+	}
+	t, _ := c.(*trackedConn)
+	return t
+}
+
+// connState counts connections the HTTP server closed without serving a request they
+// sent bytes for.
+func (p *Proxy) connState(c net.Conn, st http.ConnState) {
+	if st != http.StateClosed {
+		return
+	}
+	t := trackedOf(c)
+	if t == nil || !t.read.Load() || t.served.Load() {
+		return
+	}
+	if tc, ok := c.(*tls.Conn); ok && !tc.ConnectionState().HandshakeComplete {
+		p.m.refusals.WithLabelValues(RefuseBadTLS).Inc() // the handshake failed
+		return
+	}
+	p.m.refusals.WithLabelValues(RefuseBadHTTP).Inc()
+}

@@ -51,9 +51,9 @@ func BuildResources(v *View, key ViewKey) (Resources, error) {
 // changed. Not safe for concurrent use.
 type Builder struct {
 	memo map[ViewKey]map[mesh.Hostname]*serviceResources
-	// plan is the traffic plan of the view at planVersion (planTraffic), shared by every
-	// view key built from one registry view.
-	plan        *trafficPlan
+	// plans are the traffic plans of the view at planVersion (planTrafficSet), one per
+	// visibility signature, shared by every view key built from one registry view.
+	plans       *trafficPlans
 	planVersion uint64
 	// sec is the security plan and the inbound listeners' memo (inbound.go).
 	sec *securityState
@@ -82,17 +82,26 @@ type serviceResources struct {
 // the view cache then does not marshal again).
 //
 // A Sidecar that applies to key's namespace leaves out the services its egress hosts do
-// not admit (sidecarscope.go). A service's resources do not depend on the namespace, so
-// keys that differ only by namespace share one memo, which keeps the resources of
-// services another namespace's view left out.
+// not admit (sidecarscope.go), and the namespace's visibility signature picks its traffic
+// plan (exportTo, exportto.go): keys that differ only by namespace and see the same
+// objects share one memo, which keeps the resources of services another namespace's view
+// left out; a service planned alike in the public plan reuses that plan's resources.
 func (b *Builder) Build(v *View, key ViewKey) (Resources, error) {
 	if key.Kind == ProxyIngress {
 		return b.buildIngress(v, key) // ingress.go
 	}
+	plans := b.trafficPlansFor(v)
+	plan, sig := plans.forNamespace(key.Namespace)
 	memoKey := key
 	memoKey.Namespace = ""
+	var public map[mesh.Hostname]*serviceResources // the public plan's memo, when this is another's
+	if sig != "" {
+		public = b.memo[memoKey]
+		// Not a namespace name (those are DNS labels): the memo of every namespace with
+		// this visibility signature.
+		memoKey.Namespace = "exportTo:" + sig
+	}
 	old := b.memo[memoKey]
-	plan := b.trafficPlanFor(v)
 	var admitted map[mesh.Hostname]bool // nil: every service
 	if key.Kind != ProxyGateway {
 		if sc := plan.sidecars.scopeFor(key.Namespace); sc != nil {
@@ -104,14 +113,20 @@ func (b *Builder) Build(v *View, key ViewKey) (Resources, error) {
 	routesByPort := map[uint16][]*route.VirtualHost{}
 	for _, svc := range v.Services {
 		sr := old[svc.Hostname]
-		if admitted != nil && !admitted[svc.Hostname] {
+		if (admitted != nil && !admitted[svc.Hostname]) || plan.hidden[svc.Hostname] {
 			if sr != nil {
 				next[svc.Hostname] = sr // another namespace's view may still use it
 			}
 			continue
 		}
 		hp := plan.hosts[svc.Hostname]
-		if sr == nil || sr.gen != svc.Gen || sr.gwGen != v.GatewaysGen || sr.planKey != hp.keyOrEmpty() {
+		fresh := func(sr *serviceResources) bool {
+			return sr != nil && sr.gen == svc.Gen && sr.gwGen == v.GatewaysGen && sr.planKey == hp.keyOrEmpty()
+		}
+		if !fresh(sr) && fresh(public[svc.Hostname]) {
+			sr = public[svc.Hostname] // planned alike in both: share the public plan's
+		}
+		if !fresh(sr) {
 			var err error
 			if sr, err = buildService(svc, key, v.Gateways, hp); err != nil {
 				return nil, err

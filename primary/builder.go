@@ -3,6 +3,7 @@ package primary
 import (
 	"cmp"
 	"fmt"
+	"maps"
 	"slices"
 	"strconv"
 	"time"
@@ -55,12 +56,17 @@ type Builder struct {
 	// visibility signature, shared by every view key built from one registry view.
 	plans       *trafficPlans
 	planVersion uint64
+	// shared holds, when there are several traffic plans, the newest resources of each
+	// service per view key without namespace, for plans that plan it alike.
+	shared map[ViewKey]map[mesh.Hostname]*serviceResources
 	// sec is the security plan and the inbound listeners' memo (inbound.go).
 	sec *securityState
 }
 
 // NewBuilder returns an empty builder.
-func NewBuilder() *Builder { return &Builder{memo: map[ViewKey]map[mesh.Hostname]*serviceResources{}} }
+func NewBuilder() *Builder {
+	return &Builder{memo: map[ViewKey]map[mesh.Hostname]*serviceResources{}, shared: map[ViewKey]map[mesh.Hostname]*serviceResources{}}
+}
 
 // serviceResources are one service's resources in one view.
 type serviceResources struct {
@@ -94,9 +100,19 @@ func (b *Builder) Build(v *View, key ViewKey) (Resources, error) {
 	plan, sig := plans.forNamespace(key.Namespace)
 	memoKey := key
 	memoKey.Namespace = ""
-	var public map[mesh.Hostname]*serviceResources // the public plan's memo, when this is another's
+	// With several plans, services planned alike in several of them are shared through
+	// b.shared: the newest resources of each service for this kind, network and locality.
+	var shared map[mesh.Hostname]*serviceResources
+	if len(plans.bySig) > 1 {
+		if shared = b.shared[memoKey]; shared == nil {
+			shared = map[mesh.Hostname]*serviceResources{}
+			b.shared[memoKey] = shared
+		}
+		if len(shared) > 2*len(v.Services) { // drop services gone from the view
+			maps.DeleteFunc(shared, func(h mesh.Hostname, _ *serviceResources) bool { return v.Service(h) == nil })
+		}
+	}
 	if sig != "" {
-		public = b.memo[memoKey]
 		// Not a namespace name (those are DNS labels): the memo of every namespace with
 		// this visibility signature.
 		memoKey.Namespace = "exportTo:" + sig
@@ -123,8 +139,8 @@ func (b *Builder) Build(v *View, key ViewKey) (Resources, error) {
 		fresh := func(sr *serviceResources) bool {
 			return sr != nil && sr.gen == svc.Gen && sr.gwGen == v.GatewaysGen && sr.planKey == hp.keyOrEmpty()
 		}
-		if !fresh(sr) && fresh(public[svc.Hostname]) {
-			sr = public[svc.Hostname] // planned alike in both: share the public plan's
+		if !fresh(sr) && fresh(shared[svc.Hostname]) {
+			sr = shared[svc.Hostname] // planned alike in another plan: share its resources
 		}
 		if !fresh(sr) {
 			var err error
@@ -134,6 +150,9 @@ func (b *Builder) Build(v *View, key ViewKey) (Resources, error) {
 			sr.gen, sr.gwGen, sr.planKey = svc.Gen, v.GatewaysGen, hp.keyOrEmpty()
 		}
 		next[svc.Hostname] = sr
+		if shared != nil {
+			shared[svc.Hostname] = sr
+		}
 		res[resource.ClusterType] = append(res[resource.ClusterType], sr.clusters...)
 		res[resource.EndpointType] = append(res[resource.EndpointType], sr.endpoints...)
 		res[resource.ListenerType] = append(res[resource.ListenerType], sr.listeners...)

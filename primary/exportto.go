@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strings"
 
+	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	networkingv1 "istio.io/client-go/pkg/apis/networking/v1"
 	"k8s.io/apimachinery/pkg/util/validation"
 
@@ -39,35 +40,33 @@ func parseExportTo(own string, list []string, entry bool) (exportSet, *configErr
 		return everywhere, nil
 	}
 	var out exportSet
-	seen := map[string]bool{}
 	for i, e := range list {
-		field := fmt.Sprintf("exportTo[%d] %q", i, e)
+		field := func() string { return fmt.Sprintf("exportTo[%d] %q", i, e) }
 		name := e
 		switch e {
 		case "*":
 			if len(list) > 1 {
-				return exportSet{}, rejectConfig(ReasonInvalid, "%s: * cannot be combined with other entries", field)
+				return exportSet{}, rejectConfig(ReasonInvalid, "%s: * cannot be combined with other entries", field())
 			}
 			return everywhere, nil
 		case "~":
 			if !entry {
-				return exportSet{}, rejectConfig(ReasonInvalid, "%s: ~ is only allowed on a ServiceEntry", field)
+				return exportSet{}, rejectConfig(ReasonInvalid, "%s: ~ is only allowed on a ServiceEntry", field())
 			}
 			if len(list) > 1 {
-				return exportSet{}, rejectConfig(ReasonInvalid, "%s: ~ (no namespace) cannot be combined with other entries", field)
+				return exportSet{}, rejectConfig(ReasonInvalid, "%s: ~ (no namespace) cannot be combined with other entries", field())
 			}
 			return exportSet{}, nil
 		case ".":
 			name = own
 		default:
 			if errs := validation.IsDNS1123Label(e); len(errs) > 0 {
-				return exportSet{}, rejectConfig(ReasonInvalid, "%s: not a namespace name: %s", field, strings.Join(errs, "; "))
+				return exportSet{}, rejectConfig(ReasonInvalid, "%s: not a namespace name: %s", field(), strings.Join(errs, "; "))
 			}
 		}
-		if seen[name] {
-			return exportSet{}, rejectConfig(ReasonInvalid, "%s: duplicate entry (namespace %s)", field, name)
+		if slices.Contains(out.ns, name) {
+			return exportSet{}, rejectConfig(ReasonInvalid, "%s: duplicate entry (namespace %s)", field(), name)
 		}
-		seen[name] = true
 		out.ns = append(out.ns, name)
 	}
 	slices.Sort(out.ns)
@@ -90,6 +89,7 @@ type trafficPlans struct {
 	public *trafficPlan
 	bySig  map[string]*trafficPlan
 	sigOf  map[string]string // namespace → non-empty signature
+	shared *planShared
 }
 
 // forNamespace returns the plan of a proxy in namespace ns and its signature.
@@ -109,19 +109,102 @@ type planScope struct {
 	seen   map[string]bool
 	own    string
 	hidden map[mesh.Hostname]bool
+	// shared is shared by every plan of one registry view.
+	shared *planShared
+}
+
+// vsMemo remembers, per registry view, each VirtualService's successful translation and
+// what it depended on, so that plans that give its destinations the same
+// DestinationRules and see its hosts reuse it instead of translating it again.
+type vsMemo map[*networkingv1.VirtualService]*vsTranslation
+
+// vsTranslation is one successful planVirtualService result and its inputs: the hosts it
+// looked up (its own and its destinations') and the DestinationRule key of each
+// destination.
+type vsTranslation struct {
+	routes map[mesh.Hostname]map[uint16][]*route.Route
+	keys   string
+	warn   []string
+	drKeys map[mesh.Hostname]string
+}
+
+// plan returns planVirtualService's result for vs under hosts, reusing a translation
+// made for another plan when every host it used is visible here and every destination
+// has the same DestinationRule. Refusals are not remembered (they are rare and may
+// depend on what the plan hides).
+func (m vsMemo) plan(v *View, domain string, vs *networkingv1.VirtualService, hosts map[mesh.Hostname]*hostPlan, hidden map[mesh.Hostname]bool) (map[mesh.Hostname]map[uint16][]*route.Route, string, []string, *configError) {
+	if t := m[vs]; t != nil {
+		ok := true
+		for h := range t.routes {
+			ok = ok && !hidden[h]
+		}
+		for h, k := range t.drKeys {
+			ok = ok && !hidden[h] && hosts[h].drKeyOrEmpty() == k
+		}
+		if ok {
+			return t.routes, t.keys, t.warn, nil
+		}
+	}
+	routes, keys, warn, err := planVirtualService(v, domain, vs, hosts)
+	if err != nil || m == nil {
+		return routes, keys, warn, err
+	}
+	t := &vsTranslation{routes: routes, keys: keys, warn: warn, drKeys: map[mesh.Hostname]string{}}
+	for _, k := range strings.Split(keys, ",") {
+		// Each key is "<destination host>=<ports><its DestinationRule key>"
+		// (destinationCluster); hostnames never contain "=".
+		if h, _, found := strings.Cut(k, "="); found {
+			t.drKeys[mesh.Hostname(h)] = hosts[mesh.Hostname(h)].drKeyOrEmpty()
+		}
+	}
+	m[vs] = t
+	return routes, keys, warn, nil
 }
 
 // sees reports whether the scope sees an object with the given id and exportTo.
 func (sc *planScope) sees(id string, e exportSet) bool { return e.all || sc.seen[id] }
 
-// exportOf returns an object's parsed exportTo; an invalid one counts as every namespace
-// here (the object is refused in every plan, so it restricts nothing).
-func exportOf(ns string, list []string, entry bool) exportSet {
-	e, err := parseExportTo(ns, list, entry)
-	if err != nil {
+// objExport is an object's id and parsed exportTo (err when it is invalid).
+type objExport struct {
+	id  string
+	set exportSet
+	err *configError
+}
+
+// planShared is what every plan of one registry view shares: each DestinationRule's
+// validation, each object's exportTo, and the VirtualService translations.
+type planShared struct {
+	drs    map[*networkingv1.DestinationRule]drResult
+	drExp  map[*networkingv1.DestinationRule]objExport
+	vsExp  map[*networkingv1.VirtualService]objExport
+	vsMemo vsMemo
+}
+
+// newPlanShared parses what every plan of v needs once.
+func newPlanShared(v *View) *planShared {
+	sh := &planShared{drs: planDestinationRules(v), drExp: map[*networkingv1.DestinationRule]objExport{},
+		vsExp: map[*networkingv1.VirtualService]objExport{}, vsMemo: vsMemo{}}
+	if v.Traffic == nil {
+		return sh
+	}
+	for _, dr := range v.Traffic.DestinationRules {
+		e, err := parseExportTo(dr.Namespace, dr.Spec.GetExportTo(), false)
+		sh.drExp[dr] = objExport{objectID(KindDestinationRule, dr.Namespace, dr.Name), e, err}
+	}
+	for _, vs := range v.Traffic.VirtualServices {
+		e, err := parseExportTo(vs.Namespace, vs.Spec.GetExportTo(), false)
+		sh.vsExp[vs] = objExport{objectID(KindVirtualService, vs.Namespace, vs.Name), e, err}
+	}
+	return sh
+}
+
+// visible returns the object's exportTo, everywhere when invalid (the object is refused
+// in every plan, so it restricts nothing).
+func (o objExport) visible() exportSet {
+	if o.err != nil {
 		return everywhere
 	}
-	return e
+	return o.set
 }
 
 // planTrafficSet plans v's traffic configuration once per visibility signature. The
@@ -146,15 +229,16 @@ func planTrafficSet(v *View) *trafficPlans {
 		}
 	}
 	var entries map[mesh.Hostname]entryExport
+	sh := newPlanShared(v) // visibility-independent, shared by every plan
 	if tc != nil {
 		for _, vs := range tc.VirtualServices {
 			if !gatewayOnly(vs) {
-				restrict(objectID(KindVirtualService, vs.Namespace, vs.Name), exportOf(vs.Namespace, vs.Spec.GetExportTo(), false))
+				restrict(sh.vsExp[vs].id, sh.vsExp[vs].visible())
 			}
 		}
 		for _, dr := range tc.DestinationRules {
-			e := exportOf(dr.Namespace, dr.Spec.GetExportTo(), false)
-			restrict(objectID(KindDestinationRule, dr.Namespace, dr.Name), e)
+			e := sh.drExp[dr].visible()
+			restrict(sh.drExp[dr].id, e)
 			if h, err := resolveHost(dr.Spec.GetHost(), dr.Namespace, tc.Domain); err == nil && e.admits(dr.Namespace) {
 				if svc := v.Service(h); svc != nil && svc.Key.Namespace != dr.Namespace {
 					ids[dr.Namespace] = append(ids[dr.Namespace], "own:"+dr.Namespace)
@@ -166,10 +250,9 @@ func planTrafficSet(v *View) *trafficPlans {
 			restrict(entries[h].id, entries[h].set)
 		}
 	}
-	s := &trafficPlans{bySig: map[string]*trafficPlan{}, sigOf: map[string]string{}}
-	drs := planDestinationRules(v) // visibility-independent, shared by every plan
+	s := &trafficPlans{bySig: map[string]*trafficPlan{}, sigOf: map[string]string{}, shared: sh}
 	scopeFor := func(sig string, seen map[string]bool, own string) *planScope {
-		sc := &planScope{sig: sig, seen: seen, own: own}
+		sc := &planScope{sig: sig, seen: seen, own: own, shared: sh}
 		for h, e := range entries {
 			if !sc.sees(e.id, e.set) {
 				if sc.hidden == nil {
@@ -180,7 +263,7 @@ func planTrafficSet(v *View) *trafficPlans {
 		}
 		return sc
 	}
-	s.public = planTraffic1(v, scopeFor("", nil, ""), drs, root)
+	s.public = planTraffic1(v, scopeFor("", nil, ""), root)
 	s.bySig[""] = s.public
 	for _, ns := range slices.Sorted(maps.Keys(ids)) {
 		list := slices.Compact(slices.Sorted(slices.Values(ids[ns])))
@@ -197,7 +280,7 @@ func planTrafficSet(v *View) *trafficPlans {
 				own = ns
 			}
 		}
-		s.bySig[sig] = planTraffic1(v, scopeFor(sig, seen, own), drs, root)
+		s.bySig[sig] = planTraffic1(v, scopeFor(sig, seen, own), root)
 	}
 	s.public.status = s.aggregateStatus(v)
 	return s
@@ -261,11 +344,11 @@ func (s *trafficPlans) aggregateStatus(v *View) []ConfigStatus {
 	}
 	tc := v.Traffic
 	for _, dr := range tc.DestinationRules {
-		add(&drs, KindDestinationRule, dr.Namespace, dr.Name, exportOf(dr.Namespace, dr.Spec.GetExportTo(), false))
+		add(&drs, KindDestinationRule, dr.Namespace, dr.Name, s.shared.drExp[dr].visible())
 	}
 	for _, vs := range tc.VirtualServices {
 		if !gatewayOnly(vs) {
-			add(&vss, KindVirtualService, vs.Namespace, vs.Name, exportOf(vs.Namespace, vs.Spec.GetExportTo(), false))
+			add(&vss, KindVirtualService, vs.Namespace, vs.Name, s.shared.vsExp[vs].visible())
 		}
 	}
 	return slices.Concat(pub.parts.entries, drs, pub.parts.ingress, vss, pub.parts.sidecars)

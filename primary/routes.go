@@ -162,7 +162,7 @@ func planTraffic(v *View) *trafficPlan { return planTrafficSet(v).public }
 // come first, since VirtualServices refer to their subsets. ServiceEntry hosts the scope
 // does not see are not services here. Only the public plan (empty signature) plans the
 // ingress gateways' configuration.
-func planTraffic1(v *View, scope *planScope, drs map[*networkingv1.DestinationRule]drResult, root string) *trafficPlan {
+func planTraffic1(v *View, scope *planScope, root string) *trafficPlan {
 	p := &trafficPlan{hosts: map[mesh.Hostname]*hostPlan{}, hidden: scope.hidden}
 	tc := v.Traffic
 	if tc == nil {
@@ -202,10 +202,11 @@ func planTraffic1(v *View, scope *planScope, drs map[*networkingv1.DestinationRu
 		}
 		return -1
 	}
+	sh := scope.shared
 	best := map[mesh.Hostname]drPick{}
 	for _, dr := range tc.DestinationRules {
-		r := drs[dr]
-		if !scope.sees(objectID(KindDestinationRule, dr.Namespace, dr.Name), exportOf(dr.Namespace, dr.Spec.GetExportTo(), false)) || r.err != nil || scope.hidden[r.host] {
+		r, x := sh.drs[dr], sh.drExp[dr]
+		if !scope.sees(x.id, x.visible()) || r.err != nil || scope.hidden[r.host] {
 			continue
 		}
 		if t := tierOf(dr.Namespace, r.host); t >= 0 {
@@ -215,14 +216,13 @@ func planTraffic1(v *View, scope *planScope, drs map[*networkingv1.DestinationRu
 		}
 	}
 	for _, dr := range tc.DestinationRules {
-		id := objectID(KindDestinationRule, dr.Namespace, dr.Name)
-		exp, eerr := parseExportTo(dr.Namespace, dr.Spec.GetExportTo(), false)
-		if eerr == nil && !scope.sees(id, exp) {
+		x := sh.drExp[dr]
+		if !scope.sees(x.id, x.visible()) {
 			continue
 		}
 		st := ConfigStatus{Kind: KindDestinationRule, Namespace: dr.Namespace, Name: dr.Name, ResourceVersion: dr.ResourceVersion, UID: string(dr.UID)}
-		r := drs[dr]
-		err := cmp.Or(eerr, r.err)
+		r := sh.drs[dr]
+		err := cmp.Or(x.err, r.err)
 		if err == nil && scope.hidden[r.host] {
 			err = rejectConfig(ReasonUnknownHost, "host %s: no such service in the mesh (its ServiceEntry is not exported here)", r.host)
 		}
@@ -271,12 +271,12 @@ func planTraffic1(v *View, scope *planScope, drs map[*networkingv1.DestinationRu
 			if gatewayOnly(vs) {
 				continue // planned by planIngress
 			}
-			exp, err := parseExportTo(vs.Namespace, vs.Spec.GetExportTo(), false)
-			restricted := err == nil && !exp.all
-			if (pass == 0) != restricted || (err == nil && !scope.sees(objectID(KindVirtualService, vs.Namespace, vs.Name), exp)) {
+			x := sh.vsExp[vs]
+			restricted := !x.visible().all
+			if (pass == 0) != restricted || !scope.sees(x.id, x.visible()) {
 				continue
 			}
-			order = append(order, vsEntry{vs, restricted, err})
+			order = append(order, vsEntry{vs, restricted, x.err})
 		}
 	}
 	vsOwner := map[mesh.Hostname]vsEntry{}
@@ -289,7 +289,7 @@ func planTraffic1(v *View, scope *planScope, drs map[*networkingv1.DestinationRu
 		var keys string
 		var warn []string
 		if err == nil {
-			routes, keys, warn, err = planVirtualService(v, tc.Domain, vs, p.hosts)
+			routes, keys, warn, err = sh.vsMemo.plan(v, tc.Domain, vs, p.hosts, scope.hidden)
 		}
 		if err == nil {
 			for _, h := range slices.Sorted(maps.Keys(routes)) {

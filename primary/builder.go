@@ -3,6 +3,7 @@ package primary
 import (
 	"cmp"
 	"fmt"
+	"maps"
 	"slices"
 	"strconv"
 	"time"
@@ -51,16 +52,21 @@ func BuildResources(v *View, key ViewKey) (Resources, error) {
 // changed. Not safe for concurrent use.
 type Builder struct {
 	memo map[ViewKey]map[mesh.Hostname]*serviceResources
-	// plan is the traffic plan of the view at planVersion (planTraffic), shared by every
-	// view key built from one registry view.
-	plan        *trafficPlan
+	// plans are the traffic plans of the view at planVersion (planTrafficSet), one per
+	// visibility signature, shared by every view key built from one registry view.
+	plans       *trafficPlans
 	planVersion uint64
+	// shared holds, when there are several traffic plans, the newest resources of each
+	// service per view key without namespace, for plans that plan it alike.
+	shared map[ViewKey]map[mesh.Hostname]*serviceResources
 	// sec is the security plan and the inbound listeners' memo (inbound.go).
 	sec *securityState
 }
 
 // NewBuilder returns an empty builder.
-func NewBuilder() *Builder { return &Builder{memo: map[ViewKey]map[mesh.Hostname]*serviceResources{}} }
+func NewBuilder() *Builder {
+	return &Builder{memo: map[ViewKey]map[mesh.Hostname]*serviceResources{}, shared: map[ViewKey]map[mesh.Hostname]*serviceResources{}}
+}
 
 // serviceResources are one service's resources in one view.
 type serviceResources struct {
@@ -82,17 +88,36 @@ type serviceResources struct {
 // the view cache then does not marshal again).
 //
 // A Sidecar that applies to key's namespace leaves out the services its egress hosts do
-// not admit (sidecarscope.go). A service's resources do not depend on the namespace, so
-// keys that differ only by namespace share one memo, which keeps the resources of
-// services another namespace's view left out.
+// not admit (sidecarscope.go), and the namespace's visibility signature picks its traffic
+// plan (exportTo, exportto.go): keys that differ only by namespace and see the same
+// objects share one memo, which keeps the resources of services another namespace's view
+// left out; a service planned alike in the public plan reuses that plan's resources.
 func (b *Builder) Build(v *View, key ViewKey) (Resources, error) {
 	if key.Kind == ProxyIngress {
 		return b.buildIngress(v, key) // ingress.go
 	}
+	plans := b.trafficPlansFor(v)
+	plan, sig := plans.forNamespace(key.Namespace)
 	memoKey := key
 	memoKey.Namespace = ""
+	// With several plans, services planned alike in several of them are shared through
+	// b.shared: the newest resources of each service for this kind, network and locality.
+	var shared map[mesh.Hostname]*serviceResources
+	if len(plans.bySig) > 1 {
+		if shared = b.shared[memoKey]; shared == nil {
+			shared = map[mesh.Hostname]*serviceResources{}
+			b.shared[memoKey] = shared
+		}
+		if len(shared) > 2*len(v.Services) { // drop services gone from the view
+			maps.DeleteFunc(shared, func(h mesh.Hostname, _ *serviceResources) bool { return v.Service(h) == nil })
+		}
+	}
+	if sig != "" {
+		// Not a namespace name (those are DNS labels): the memo of every namespace with
+		// this visibility signature.
+		memoKey.Namespace = "exportTo:" + sig
+	}
 	old := b.memo[memoKey]
-	plan := b.trafficPlanFor(v)
 	var admitted map[mesh.Hostname]bool // nil: every service
 	if key.Kind != ProxyGateway {
 		if sc := plan.sidecars.scopeFor(key.Namespace); sc != nil {
@@ -104,14 +129,20 @@ func (b *Builder) Build(v *View, key ViewKey) (Resources, error) {
 	routesByPort := map[uint16][]*route.VirtualHost{}
 	for _, svc := range v.Services {
 		sr := old[svc.Hostname]
-		if admitted != nil && !admitted[svc.Hostname] {
+		if (admitted != nil && !admitted[svc.Hostname]) || plan.hidden[svc.Hostname] {
 			if sr != nil {
 				next[svc.Hostname] = sr // another namespace's view may still use it
 			}
 			continue
 		}
 		hp := plan.hosts[svc.Hostname]
-		if sr == nil || sr.gen != svc.Gen || sr.gwGen != v.GatewaysGen || sr.planKey != hp.keyOrEmpty() {
+		fresh := func(sr *serviceResources) bool {
+			return sr != nil && sr.gen == svc.Gen && sr.gwGen == v.GatewaysGen && sr.planKey == hp.keyOrEmpty()
+		}
+		if !fresh(sr) && fresh(shared[svc.Hostname]) {
+			sr = shared[svc.Hostname] // planned alike in another plan: share its resources
+		}
+		if !fresh(sr) {
 			var err error
 			if sr, err = buildService(svc, key, v.Gateways, hp); err != nil {
 				return nil, err
@@ -119,6 +150,9 @@ func (b *Builder) Build(v *View, key ViewKey) (Resources, error) {
 			sr.gen, sr.gwGen, sr.planKey = svc.Gen, v.GatewaysGen, hp.keyOrEmpty()
 		}
 		next[svc.Hostname] = sr
+		if shared != nil {
+			shared[svc.Hostname] = sr
+		}
 		res[resource.ClusterType] = append(res[resource.ClusterType], sr.clusters...)
 		res[resource.EndpointType] = append(res[resource.EndpointType], sr.endpoints...)
 		res[resource.ListenerType] = append(res[resource.ListenerType], sr.listeners...)

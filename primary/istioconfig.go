@@ -35,6 +35,9 @@ type TrafficConfig struct {
 	ServiceEntries []ConfigStatus
 	// Sidecars scope which services each namespace's proxies receive (sidecarscope.go).
 	Sidecars []*networkingv1.Sidecar
+	// entryExports is the exportTo of the applied ServiceEntry of each of its hosts
+	// (absent: exported everywhere; exportto.go).
+	entryExports map[mesh.Hostname]entryExport
 }
 
 // SetTrafficConfig replaces the traffic configuration the next View carries; nil removes
@@ -186,7 +189,7 @@ func (w *istioConfigWatcher) run(ctx context.Context) error {
 			slices.SortFunc(ses, func(a, b *networkingv1.ServiceEntry) int { return byPrecedence(&a.ObjectMeta, &b.ObjectMeta) })
 			ep := planServiceEntries(w.cluster, w.domain, ses, lookup)
 			shard := ep.shard
-			tc.ServiceEntries = ep.status
+			tc.ServiceEntries, tc.entryExports = ep.status, ep.exports
 			if w.resolver != nil {
 				w.resolver.setWanted(ep.names)
 			}

@@ -59,11 +59,23 @@ type ConfigStatus struct {
 // what each host's routes and subsets are, and what happened to every object.
 type trafficPlan struct {
 	hosts  map[mesh.Hostname]*hostPlan
-	status []ConfigStatus // in precedence order: ServiceEntries, DestinationRules, VirtualServices, Sidecars
+	status []ConfigStatus // in precedence order: ServiceEntries, DestinationRules, ingress, VirtualServices, Sidecars
+	// parts is status by kind; the public plan's status aggregates every plan's
+	// (trafficPlans.aggregateStatus).
+	parts statusParts
 	// sidecars scope the proxies' views (sidecarscope.go); nil scopes nothing.
 	sidecars *sidecarPlan
-	// ingress is the Gateways and the gateways' VirtualServices (ingress.go).
+	// ingress is the Gateways and the gateways' VirtualServices (ingress.go); only in
+	// the public plan.
 	ingress *ingressPlan
+	// hidden are the ServiceEntry hosts whose entry is not exported to this plan's
+	// namespaces: absent from their proxies' views.
+	hidden map[mesh.Hostname]bool
+}
+
+// statusParts are a plan's statuses by kind, each in precedence order.
+type statusParts struct {
+	entries, drs, ingress, vss, sidecars []ConfigStatus
 }
 
 // hostPlan is everything the traffic configuration changes about one host.
@@ -140,15 +152,26 @@ func resolveHost(h, ns, domain string) (mesh.Hostname, *configError) {
 	return host, nil
 }
 
-// planTraffic validates and translates v's traffic configuration. It is pure. Each object
-// is applied whole or refused whole: a refused object changes nothing, and the others
-// are planned as if it did not exist. DestinationRules come first, since VirtualServices
-// refer to their subsets.
-func planTraffic(v *View) *trafficPlan {
-	p := &trafficPlan{hosts: map[mesh.Hostname]*hostPlan{}}
+// planTraffic returns the plan of a proxy that sees only the objects exported to every
+// namespace, with every object's status (planTrafficSet).
+func planTraffic(v *View) *trafficPlan { return planTrafficSet(v).public }
+
+// planTraffic1 validates and translates the part of v's traffic configuration scope
+// sees. It is pure. Each object is applied whole or refused whole: a refused object
+// changes nothing, and the others are planned as if it did not exist. DestinationRules
+// come first, since VirtualServices refer to their subsets. ServiceEntry hosts the scope
+// does not see are not services here. Only the public plan (empty signature) plans the
+// ingress gateways' configuration.
+func planTraffic1(v *View, scope *planScope, root string) *trafficPlan {
+	p := &trafficPlan{hosts: map[mesh.Hostname]*hostPlan{}, hidden: scope.hidden}
 	tc := v.Traffic
 	if tc == nil {
 		return p
+	}
+	if len(scope.hidden) > 0 {
+		sv := *v
+		sv.Services = slices.DeleteFunc(slices.Clone(v.Services), func(s *MergedService) bool { return scope.hidden[s.Hostname] })
+		v = &sv
 	}
 	host := func(h mesh.Hostname) *hostPlan {
 		hp := p.hosts[h]
@@ -158,67 +181,162 @@ func planTraffic(v *View) *trafficPlan {
 		}
 		return hp
 	}
-	p.status = append(p.status, tc.ServiceEntries...)
-	drOwner := map[mesh.Hostname]string{}
+	p.parts.entries = tc.ServiceEntries
+	// DestinationRules: per host, the first rule of the best tier the scope sees — the
+	// proxy's own namespace (scope.own), the host's namespace, the root namespace
+	// (Istio's lookup); a later rule of that tier and namespace is a conflict, rules of
+	// other namespaces do not apply to this plan's proxies.
+	type drPick struct {
+		dr   *networkingv1.DestinationRule
+		tier int
+	}
+	tierOf := func(ns string, h mesh.Hostname) int {
+		svc := v.Service(h)
+		switch {
+		case scope.own != "" && ns == scope.own:
+			return 0
+		case svc != nil && ns == svc.Key.Namespace:
+			return 1
+		case ns == root:
+			return 2
+		}
+		return -1
+	}
+	sh := scope.shared
+	best := map[mesh.Hostname]drPick{}
 	for _, dr := range tc.DestinationRules {
+		r, x := sh.drs[dr], sh.drExp[dr]
+		if !scope.sees(x.id, x.visible()) || r.err != nil || scope.hidden[r.host] {
+			continue
+		}
+		if t := tierOf(dr.Namespace, r.host); t >= 0 {
+			if b, ok := best[r.host]; !ok || t < b.tier {
+				best[r.host] = drPick{dr, t}
+			}
+		}
+	}
+	for _, dr := range tc.DestinationRules {
+		x := sh.drExp[dr]
+		if !scope.sees(x.id, x.visible()) {
+			continue
+		}
 		st := ConfigStatus{Kind: KindDestinationRule, Namespace: dr.Namespace, Name: dr.Name, ResourceVersion: dr.ResourceVersion, UID: string(dr.UID)}
-		h, base, subsets, warn, err := planDestinationRule(v, tc.Domain, dr)
-		if err == nil && drOwner[h] != "" {
-			err = rejectConfig(ReasonConflict, "host %s already has DestinationRule %s", h, drOwner[h])
+		r := sh.drs[dr]
+		err := cmp.Or(x.err, r.err)
+		if err == nil && scope.hidden[r.host] {
+			err = rejectConfig(ReasonUnknownHost, "host %s: no such service in the mesh (its ServiceEntry is not exported here)", r.host)
+		}
+		if err == nil {
+			b := best[r.host]
+			switch t := tierOf(dr.Namespace, r.host); {
+			case t < 0:
+				continue // applies only to the proxies of its own namespace, not this plan's
+			case b.dr == dr:
+			case t == b.tier && dr.Namespace == b.dr.Namespace:
+				err = rejectConfig(ReasonConflict, "host %s already has DestinationRule %s/%s", r.host, b.dr.Namespace, b.dr.Name)
+			default: // a better tier's rule takes the host for these proxies
+				st.Applied, st.Hosts, st.Warnings = true, []string{string(r.host)}, drWarnings(r, dr, v, root)
+				p.parts.drs = append(p.parts.drs, st)
+				continue
+			}
 		}
 		if err != nil {
 			st.Reason, st.Message = err.reason, err.msg
 		} else {
-			drOwner[h] = dr.Namespace + "/" + dr.Name
-			hp := host(h)
-			hp.base, hp.subsets = base, subsets
-			hp.drKey = "dr:" + drOwner[h] + "@" + dr.ResourceVersion + ";"
+			owner := dr.Namespace + "/" + dr.Name
+			hp := host(r.host)
+			hp.base, hp.subsets = r.base, r.subsets
+			hp.drKey = "dr:" + owner + "@" + dr.ResourceVersion + ";"
 			hp.key += hp.drKey
-			st.Applied, st.Hosts, st.Warnings = true, []string{string(h)}, warn
+			st.Applied, st.Hosts, st.Warnings = true, []string{string(r.host)}, drWarnings(r, dr, v, root)
 		}
-		p.status = append(p.status, st)
+		p.parts.drs = append(p.parts.drs, st)
 	}
-	var ingressStatus []ConfigStatus
-	p.ingress, ingressStatus = planIngress(v, tc, p.hosts) // ingress.go: Gateways, gateway-only VirtualServices
-	p.status = append(p.status, ingressStatus...)
-	vsOwner := map[mesh.Hostname]string{}
-	for _, vs := range tc.VirtualServices {
-		if gatewayOnly(vs) {
-			continue // planned by planIngress
+	if scope.sig == "" {
+		p.ingress, p.parts.ingress = planIngress(v, tc, p.hosts) // ingress.go: Gateways, gateway-only VirtualServices
+	}
+	// VirtualServices: the restricted ones the scope sees first, then those exported
+	// everywhere, each in creation order (Istio's order). A host another VirtualService
+	// of the same group already routes is a conflict; one of the other group routes it
+	// for these proxies and this one does not (per host, as Istio keeps the first virtual
+	// host of a domain).
+	type vsEntry struct {
+		vs         *networkingv1.VirtualService
+		restricted bool
+		err        *configError
+	}
+	var order []vsEntry
+	for pass := range 2 {
+		for _, vs := range tc.VirtualServices {
+			if gatewayOnly(vs) {
+				continue // planned by planIngress
+			}
+			x := sh.vsExp[vs]
+			restricted := !x.visible().all
+			if (pass == 0) != restricted || !scope.sees(x.id, x.visible()) {
+				continue
+			}
+			order = append(order, vsEntry{vs, restricted, x.err})
 		}
+	}
+	vsOwner := map[mesh.Hostname]vsEntry{}
+	statusOf := map[*networkingv1.VirtualService]ConfigStatus{}
+	for _, e := range order {
+		vs := e.vs
 		st := ConfigStatus{Kind: KindVirtualService, Namespace: vs.Namespace, Name: vs.Name, ResourceVersion: vs.ResourceVersion, UID: string(vs.UID)}
-		routes, keys, warn, err := planVirtualService(v, tc.Domain, vs, p.hosts)
+		err := e.err
+		var routes map[mesh.Hostname]map[uint16][]*route.Route
+		var keys string
+		var warn []string
 		if err == nil {
-			for h := range routes {
-				if vsOwner[h] != "" {
-					err = rejectConfig(ReasonConflict, "host %s is already routed by VirtualService %s", h, vsOwner[h])
+			routes, keys, warn, err = sh.vsMemo.plan(v, tc.Domain, vs, p.hosts, scope.hidden)
+		}
+		if err == nil {
+			for _, h := range slices.Sorted(maps.Keys(routes)) {
+				if o, ok := vsOwner[h]; ok && o.restricted == e.restricted {
+					err = rejectConfig(ReasonConflict, "host %s is already routed by VirtualService %s/%s", h, o.vs.Namespace, o.vs.Name)
 					break
 				}
 			}
 		}
 		if err != nil {
 			st.Reason, st.Message = err.reason, err.msg
-			p.status = append(p.status, st)
+			statusOf[vs] = st
 			continue
 		}
 		for _, h := range slices.Sorted(maps.Keys(routes)) {
-			vsOwner[h] = vs.Namespace + "/" + vs.Name
+			st.Hosts = append(st.Hosts, string(h))
+			if _, taken := vsOwner[h]; taken {
+				continue // a restricted VirtualService routes h for these proxies
+			}
+			vsOwner[h] = e
 			hp := host(h)
 			hp.routes = routes[h]
-			hp.key += "vs:" + vsOwner[h] + "@" + vs.ResourceVersion + ";" + keys + ";"
-			st.Hosts = append(st.Hosts, string(h))
+			hp.key += "vs:" + vs.Namespace + "/" + vs.Name + "@" + vs.ResourceVersion + ";" + keys + ";"
 		}
 		st.Applied, st.Warnings = true, warn
-		p.status = append(p.status, st)
+		statusOf[vs] = st
 	}
-	root := defaultRootNamespace
-	if v.Security != nil && v.Security.RootNamespace != "" {
-		root = v.Security.RootNamespace
+	for _, vs := range tc.VirtualServices { // status in creation order
+		if st, ok := statusOf[vs]; ok {
+			p.parts.vss = append(p.parts.vss, st)
+		}
 	}
-	var scs []ConfigStatus
-	p.sidecars, scs = planSidecars(root, tc.Sidecars)
-	p.status = append(p.status, scs...)
+	p.sidecars, p.parts.sidecars = planSidecars(root, tc.Sidecars)
+	p.status = slices.Concat(p.parts.entries, p.parts.drs, p.parts.ingress, p.parts.vss, p.parts.sidecars)
 	return p
+}
+
+// drWarnings are a rule's warnings, plus one when it is in a namespace that is neither
+// its host's nor the root namespace: Istio looks a rule up in the proxy's namespace,
+// then the host's, then the root namespace, so such a rule applies only to the proxies
+// of its own namespace.
+func drWarnings(r drResult, dr *networkingv1.DestinationRule, v *View, root string) []string {
+	svc := v.Service(r.host)
+	if svc == nil || dr.Namespace == svc.Key.Namespace || dr.Namespace == root {
+		return r.warn
+	}
+	return append(slices.Clone(r.warn), fmt.Sprintf("applies only to proxies in namespace %s: a DestinationRule is looked up in the proxy's namespace, then the host's (%s), then the root namespace (%s)", dr.Namespace, svc.Key.Namespace, root))
 }
 
 // planDestinationRule validates one DestinationRule: its host must be a service of the
@@ -234,11 +352,11 @@ func planDestinationRule(v *View, domain string, dr *networkingv1.DestinationRul
 	if svc == nil {
 		return "", subsetPlan{}, nil, nil, rejectConfig(ReasonUnknownHost, "host %s: no such service in the mesh", h)
 	}
-	if len(dr.Spec.GetExportTo()) > 0 {
-		warn = append(warn, "exportTo is not honoured yet: the rule applies to every namespace")
-	}
 	if dr.Spec.GetWorkloadSelector() != nil {
 		return "", subsetPlan{}, nil, nil, rejectConfig(ReasonUnsupported, "workloadSelector is not supported yet")
+	}
+	if _, err := parseExportTo(dr.Namespace, dr.Spec.GetExportTo(), false); err != nil {
+		return "", subsetPlan{}, nil, nil, err
 	}
 	for i, s := range dr.Spec.GetSubsets() {
 		if errs := validation.IsDNS1123Label(s.GetName()); len(errs) > 0 {
@@ -272,9 +390,6 @@ func planVirtualService(v *View, domain string, vs *networkingv1.VirtualService,
 	}
 	if len(spec.GetTcp()) > 0 || len(spec.GetTls()) > 0 {
 		return nil, "", nil, rejectConfig(ReasonUnsupported, "tcp and tls routes are not supported yet")
-	}
-	if len(spec.GetExportTo()) > 0 {
-		warn = append(warn, "exportTo is not honoured yet: the routes apply to every namespace")
 	}
 	if len(spec.GetHttp()) == 0 {
 		return nil, "", nil, rejectConfig(ReasonInvalid, "http: at least one route is required (tcp and tls routes are not supported yet)")
@@ -542,12 +657,16 @@ func (hp *hostPlan) routesFor(port uint16) []*route.Route {
 	return hp.routes[port]
 }
 
-// trafficPlanFor returns the traffic plan of v, computed once per registry version: every view
-// key built from one registry view shares it, and the primary reads its status for
-// /debug/configz.
-func (b *Builder) trafficPlanFor(v *View) *trafficPlan {
-	if b.plan == nil || b.planVersion != v.Version || v.Version == 0 {
-		b.plan, b.planVersion = planTraffic(v), v.Version
+// trafficPlanFor returns the public traffic plan of v (what proxies that see only objects
+// exported everywhere get, with every object's status), computed once per registry
+// version: every view key built from one registry view shares it, and the primary reads
+// its status for /debug/configz.
+func (b *Builder) trafficPlanFor(v *View) *trafficPlan { return b.trafficPlansFor(v).public }
+
+// trafficPlansFor returns every traffic plan of v, computed once per registry version.
+func (b *Builder) trafficPlansFor(v *View) *trafficPlans {
+	if b.plans == nil || b.planVersion != v.Version || v.Version == 0 {
+		b.plans, b.planVersion = planTrafficSet(v), v.Version
 	}
-	return b.plan
+	return b.plans
 }

@@ -36,6 +36,9 @@ type entryPlans struct {
 	status    []ConfigStatus
 	names     []string // sorted, without duplicates
 	selectors []entrySelector
+	// exports is the exportTo of each applied host whose entry is not exported to every
+	// namespace.
+	exports map[mesh.Hostname]entryExport
 }
 
 // serviceEntryShard is planServiceEntries without a resolver (tests of static entries).
@@ -84,6 +87,12 @@ func planServiceEntries(cluster mesh.ClusterID, domain string, ses []*networking
 				data.Endpoints[s.Hostname] = ep.eps
 			}
 			st.Hosts = append(st.Hosts, string(s.Hostname))
+			if !ep.export.all {
+				if out.exports == nil {
+					out.exports = map[mesh.Hostname]entryExport{}
+				}
+				out.exports[s.Hostname] = entryExport{id: objectID(KindServiceEntry, se.Namespace, se.Name), set: ep.export}
+			}
 		}
 		out.names = append(out.names, ep.names...)
 		if ep.sel != nil {
@@ -105,14 +114,17 @@ type entryPlan struct {
 	warn  []string
 	names []string
 	sel   *entrySelector
+	// export is the entry's exportTo.
+	export exportSet
 }
 
 // planServiceEntry validates one ServiceEntry.
 func planServiceEntry(cluster mesh.ClusterID, domain string, se *networkingv1.ServiceEntry, lookup entryLookup) (*entryPlan, *configError) {
 	spec := &se.Spec
 	var warn []string
-	if len(spec.GetExportTo()) > 0 {
-		warn = append(warn, "exportTo is not honoured yet: the entry is visible to every namespace")
+	export, eerr := parseExportTo(se.Namespace, spec.GetExportTo(), true)
+	if eerr != nil {
+		return nil, eerr
 	}
 	res := spec.GetResolution()
 	switch res {
@@ -189,7 +201,7 @@ func planServiceEntry(cluster mesh.ClusterID, domain string, se *networkingv1.Se
 		targets[name] = uint16(cmp.Or(p.GetTargetPort(), p.GetNumber()))
 	}
 	internal := spec.GetLocation() == apinet.ServiceEntry_MESH_INTERNAL
-	plan := &entryPlan{}
+	plan := &entryPlan{export: export}
 	if ws := spec.GetWorkloadSelector(); ws != nil {
 		sel, err := planEntrySelector(se, ws.GetLabels(), dns, internal, ports, targets)
 		if err != nil {

@@ -31,6 +31,9 @@ import (
 //
 //	go test ./primary -run '^$' -bench VirtualServiceChange -benchtime 1x
 //
+// The exportTo-clients cases add ten namespaces' own exportTo "." VirtualServices
+// for the same host (11 traffic plans per change); the clients see the public one.
+//
 // N proxyless-gRPC ADS streams (over N/100 connections) watch one service's listener; a
 // VirtualService's route timeout is changed in the real API server, and the benchmark
 // measures until each stream has received the listener carrying the new timeout: the
@@ -57,6 +60,28 @@ func BenchmarkVirtualServiceChange(b *testing.B) {
 	}
 	for _, n := range []int{100, 1000} {
 		b.Run(fmt.Sprintf("clients=%d", n), func(b *testing.B) { benchVSChange(b, n) })
+	}
+	// The same with 10 other namespaces each overriding the route with their own
+	// exportTo "." VirtualService: 11 traffic plans on every change instead of one.
+	for i := range 10 {
+		ns := fmt.Sprintf("vsbench-x%d", i)
+		if _, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+			b.Fatal(err)
+		}
+		vs := &networkingv1.VirtualService{
+			ObjectMeta: metav1.ObjectMeta{Name: "override", Namespace: ns},
+			Spec: apinet.VirtualService{Hosts: []string{"bench.vsbench.svc.cluster.local"}, ExportTo: []string{"."}, Http: []*apinet.HTTPRoute{{
+				Route:   []*apinet.HTTPRouteDestination{{Destination: &apinet.Destination{Host: "bench.vsbench.svc.cluster.local"}}},
+				Timeout: durationpb.New(time.Minute),
+			}}},
+		}
+		if _, err := env.istio.NetworkingV1().VirtualServices(ns).Create(ctx, vs, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+			b.Fatal(err)
+		}
+		defer env.istio.NetworkingV1().VirtualServices(ns).Delete(ctx, "override", metav1.DeleteOptions{})
+	}
+	for _, n := range []int{100, 1000} {
+		b.Run(fmt.Sprintf("exportTo-clients=%d", n), func(b *testing.B) { benchVSChange(b, n) })
 	}
 }
 

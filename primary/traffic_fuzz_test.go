@@ -25,6 +25,8 @@ func FuzzTrafficPlan(f *testing.F) {
 	f.Add("spec: {hosts: [ratings], http: [{route: [{destination: {host: ratings, port: {number: 9090}}}]}]}", policyRatingsDR)
 	f.Add("spec: {hosts: [reviews], http: [{route: [{destination: {host: reviews}}]}]}", "spec: {host: reviews, trafficPolicy: {loadBalancer: {consistentHash: {httpCookie: {name: c, ttl: 0s}, maglev: {tableSize: 65537}}, localityLbSetting: {failover: [{from: r, to: s}], failoverPriority: [topology.istio.io/network]}}, outlierDetection: {consecutive5xxErrors: 0, minHealthPercent: -5}, connectionPool: {tcp: {maxConnections: 0}, http: {maxRetries: 3}}}}")
 	f.Add("spec: {hosts: [reviews], http: [{route: [{destination: {host: reviews}}]}]}", "spec: {host: reviews, trafficPolicy: {loadBalancer: {localityLbSetting: {distribute: [{from: 'r/*', to: {'r/c1': 70, 'r/*': 30}}, {from: '*', to: {s: 100}}]}}}}")
+	f.Add("spec: {exportTo: [other], hosts: [reviews], http: [{route: [{destination: {host: reviews, subset: v1}}]}]}", "spec: {exportTo: ['.'], host: reviews, subsets: [{name: v1}]}")
+	f.Add("spec: {exportTo: ['*', x], hosts: [reviews], http: [{route: [{destination: {host: reviews}}]}]}", "spec: {exportTo: ['~'], host: reviews}")
 	reg := bookinfoRegistry()
 	f.Fuzz(func(t *testing.T, vsDoc, drDoc string) {
 		vs := &networkingv1.VirtualService{}
@@ -45,7 +47,8 @@ func FuzzTrafficPlan(f *testing.F) {
 			}
 		}
 		here := mesh.Locality{Region: "r", Zone: "c1"}
-		for _, key := range []ViewKey{{Kind: ProxyGRPC, Network: "n1"}, {Kind: ProxySidecar, Network: "n1", Locality: here}, {Kind: ProxyGRPC, Network: "n1", Locality: here}, {Kind: ProxyGateway, Network: "n2"}} {
+		for _, key := range []ViewKey{{Kind: ProxyGRPC, Network: "n1"}, {Kind: ProxySidecar, Network: "n1", Locality: here}, {Kind: ProxyGRPC, Network: "n1", Locality: here}, {Kind: ProxyGateway, Network: "n2"},
+			{Kind: ProxyGRPC, Network: "n1", Namespace: "bookinfo"}, {Kind: ProxySidecar, Network: "n1", Namespace: "other"}} {
 			res, err := BuildResources(v, key)
 			if err != nil {
 				t.Fatalf("%s: %v", key, err)

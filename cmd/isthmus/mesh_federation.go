@@ -36,6 +36,7 @@ const SourceFederation = "federation"
 // meshFederationFlags are the primary's mesh-federation flags (docs/federation.md).
 type meshFederationFlags struct {
 	meshID, addr, dir, gossip string
+	follow                    string
 	advertise, gateways       []string
 	tokenTTL, staleWindow     time.Duration
 	shareBundles              bool
@@ -43,6 +44,7 @@ type meshFederationFlags struct {
 
 func (f *meshFederationFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&f.addr, "federation-addr", "", "address of this mesh's federation endpoint (mTLS gRPC: peering, catalogs); mesh federation is off when empty")
+	fs.StringVar(&f.follow, "federation-follow", "", "HOST:PORT of this mesh's federation endpoint (the --federation-addr of the primary that runs it): follow it, serving its imports and writing its peers' bundles here too, as another primary of the mesh (needs --ca-dir; not with --federation-addr)")
 	fs.StringVar(&f.meshID, "mesh-id", "", "this mesh's ID (required with --federation-addr)")
 	fs.StringVar(&f.dir, "federation-dir", "", "directory of the federation state (peerings, federation secret; 0700) and the admin socket admin.sock that `isthmus mesh peering` uses (required with --federation-addr)")
 	fs.StringSliceVar(&f.advertise, "federation-advertise", nil, "HOST:PORT peers dial for this federation endpoint, put in tokens (default: --federation-addr)")
@@ -55,19 +57,26 @@ func (f *meshFederationFlags) register(fs *pflag.FlagSet) {
 
 // meshFederation is what runs beside the primary when mesh federation is on.
 type meshFederation struct {
-	ep      *federation.Endpoint
-	gw      *gatewaySet
-	exports *federation.KubeExports
-	imports *federation.KubeImports
-	bundles *federation.StoreBundles
-	admin   net.Listener
-	log     *slog.Logger
+	ep       *federation.Endpoint
+	follower *federation.Follower // instead of ep, on the mesh's other primaries
+	gw       *gatewaySet
+	exports  *federation.KubeExports
+	imports  *federation.KubeImports
+	bundles  *federation.StoreBundles
+	admin    net.Listener
+	log      *slog.Logger
 }
 
 // build validates the flags and makes the endpoint; nil when --federation-addr is empty.
 func (f *meshFederationFlags) build(ca *caServer, p *primary.Primary, td mesh.TrustDomain, namespace string, client kubernetes.Interface, rc *rest.Config, reg prometheus.Registerer, log *slog.Logger) (*meshFederation, error) {
 	if f.addr == "" {
+		if f.follow != "" {
+			return f.buildFollower(ca, p, td, namespace, client, rc, reg, log)
+		}
 		return nil, nil
+	}
+	if f.follow != "" {
+		return nil, errors.New("--federation-follow is for the mesh's other primaries: a primary runs the federation endpoint (--federation-addr) or follows one, not both")
 	}
 	if ca == nil {
 		return nil, errors.New("--federation-addr needs --ca-dir: the federation endpoint's certificate and the bundle given to peers come from the mesh CA")
@@ -128,15 +137,18 @@ func (f *meshFederationFlags) build(ca *caServer, p *primary.Primary, td mesh.Tr
 	bundles := federation.NewStoreBundles(trust.BundleStore{Client: client, Namespace: namespace}, log.With("component", "federation-bundles"))
 	// The sink's calls also say that the set of live peerings changed (each brings its
 	// bundle), which the gateways' export set follows.
+	// The mesh feed: the mesh's other primaries follow this endpoint (--federation-follow)
+	// and get the same imports, and the same bundles when peers are trusted.
+	feed := federation.NewMeshFeed()
 	peerBundles := livePeers{kick: gw.kick}
 	if f.shareBundles {
-		peerBundles.next = bundles
+		peerBundles.next = bundleFanOut{bundles, feed}
 	}
 	ep, err := federation.NewEndpoint(federation.EndpointConfig{
 		Mesh: id, TrustDomain: td, Certificate: certs.get,
 		Roots:    func() []*x509.Certificate { return ca.ca.CurrentAuthority().TrustAnchors() },
 		Listener: l, Advertise: f.advertise, GossipBindAddr: host, GossipPort: gport, Gateways: f.gateways,
-		Exports: exports, Imports: fanOut{registryImports{reg: p.Registry()}, imports}, PeerBundles: peerBundles,
+		Exports: exports, Imports: fanOut{registryImports{reg: p.Registry()}, imports, feed}, PeerBundles: peerBundles, Feed: feed,
 		Problems: func() []string {
 			out := append(exports.Problems(), imports.Problems()...)
 			if err := bundles.Err(); err != nil {
@@ -160,6 +172,12 @@ func (m *meshFederation) runBeside(ctx context.Context, runPrimary func(context.
 	g, ctx := errgroup.WithContext(ctx)
 	ctx, cancel := context.WithCancel(ctx)
 	g.Go(func() error { defer cancel(); return runPrimary(ctx) })
+	if m.follower != nil {
+		g.Go(func() error { return m.follower.Run(ctx) })
+		g.Go(func() error { return m.imports.Run(ctx) })
+		g.Go(func() error { return m.bundles.Run(ctx) })
+		return g.Wait()
+	}
 	g.Go(func() error { return m.ep.Run(ctx) })
 	g.Go(func() error { return m.exports.Run(ctx) })
 	g.Go(func() error { return m.imports.Run(ctx) })
@@ -277,6 +295,15 @@ func gatewayExports(self mesh.MeshID, exports []federation.Export, live map[mesh
 		}
 	}
 	return out
+}
+
+// bundleFanOut hands peer bundles to several sinks.
+type bundleFanOut []federation.PeerBundleSink
+
+func (f bundleFanOut) SetPeerBundles(b map[mesh.TrustDomain]string) {
+	for _, sink := range f {
+		sink.SetPeerBundles(b)
+	}
 }
 
 // fanOut hands imports to several sinks.

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
@@ -243,7 +244,7 @@ type gatewaySet struct {
 	// exports and live are the inputs; guarded by mu. live is nil until the peerings
 	// were first read.
 	exports []federation.Export
-	live    map[mesh.MeshID]bool
+	live    map[mesh.MeshID]mesh.TrustDomain
 }
 
 func (g *gatewaySet) setExports(e []federation.Export) {
@@ -256,10 +257,10 @@ func (g *gatewaySet) setExports(e []federation.Export) {
 // run reads the live peerings whenever kicked, until ctx ends.
 func (g *gatewaySet) run(ctx context.Context, ep *federation.Endpoint) error {
 	for {
-		live := map[mesh.MeshID]bool{}
+		live := map[mesh.MeshID]mesh.TrustDomain{}
 		for _, p := range ep.Peerings() {
 			if p.State != federation.StateTerminated && p.State != federation.StatePending {
-				live[p.PeerMesh] = true
+				live[p.PeerMesh] = p.PeerTrustDomain
 			}
 		}
 		g.mu.Lock()
@@ -283,13 +284,22 @@ func (g *gatewaySet) applyLocked() {
 
 // gatewayExports is the primary's view of what this mesh exports: every exported port of
 // a service exported to at least one live peer, whichever it is (the gateway cannot tell
-// peers apart; see docs/federation.md).
-func gatewayExports(self mesh.MeshID, exports []federation.Export, live map[mesh.MeshID]bool) primary.FederationExports {
-	out := primary.FederationExports{Mesh: self, Services: make(map[mesh.ServiceKey][]uint16, len(exports))}
+// peers apart; see docs/federation.md), the live consumers of each, and every live peer's
+// trust domain, whose callers servers refuse on every service not exported to that peer.
+func gatewayExports(self mesh.MeshID, exports []federation.Export, live map[mesh.MeshID]mesh.TrustDomain) primary.FederationExports {
+	out := primary.FederationExports{Mesh: self, Services: make(map[mesh.ServiceKey][]uint16, len(exports)),
+		Consumers: map[mesh.ServiceKey][]mesh.MeshID{}, Peers: maps.Clone(live)}
 	for _, e := range exports {
-		if !slices.ContainsFunc(e.Consumers, func(m mesh.MeshID) bool { return live[m] }) {
+		var consumers []mesh.MeshID
+		for _, m := range e.Consumers {
+			if _, ok := live[m]; ok {
+				consumers = append(consumers, m)
+			}
+		}
+		if len(consumers) == 0 {
 			continue
 		}
+		out.Consumers[e.Key] = consumers
 		for _, p := range e.Ports {
 			out.Services[e.Key] = append(out.Services[e.Key], p.Port)
 		}

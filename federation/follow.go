@@ -45,11 +45,83 @@ type FeedPeer struct {
 	Services    []ExportedService `json:"services"`
 }
 
-// FeedFrame is one frame of the mesh feed: every peer's imports (sorted by mesh) and the
-// peers' bundles (empty unless the endpoint shares them), complete.
+// FeedFrame is one frame of the mesh feed: every peer's imports (sorted by mesh), the
+// peers' bundles (empty unless the endpoint shares them) and what the mesh exports, as
+// the primaries' gateways and servers need it; complete.
 type FeedFrame struct {
 	Peers   []FeedPeer                  `json:"peers"`
 	Bundles map[mesh.TrustDomain]string `json:"bundles,omitempty"`
+	Exports ExportSet                   `json:"exports"`
+}
+
+// ExportSet is what the mesh exports, as every primary of it serves it: each exported
+// service with its exported ports and the live peers it is exported to, and every live
+// peer's trust domain (whose callers servers refuse on services not exported to it).
+type ExportSet struct {
+	// Mesh is the exporting mesh's ID (the name peers give its services); empty in the
+	// zero set.
+	Mesh     mesh.MeshID                      `json:"mesh,omitempty"`
+	Services []ExportSetService               `json:"services"`
+	Peers    map[mesh.MeshID]mesh.TrustDomain `json:"peers,omitempty"`
+}
+
+// ExportSetService is one service of an ExportSet.
+type ExportSetService struct {
+	Namespace string        `json:"namespace"`
+	Name      string        `json:"name"`
+	Ports     []uint16      `json:"ports"`
+	Consumers []mesh.MeshID `json:"consumers"`
+}
+
+// ExportSetSink receives the mesh's export set, complete, on every change; it must not
+// block.
+type ExportSetSink interface {
+	SetExportSet(ExportSet)
+}
+
+// validate checks names, ports, consumers and peers.
+func (x ExportSet) validate() error {
+	if len(x.Services) > maxCatalogServices {
+		return fmt.Errorf("%d exported services, more than %d", len(x.Services), maxCatalogServices)
+	}
+	if x.Mesh != "" {
+		if _, err := mesh.ParseMeshID(string(x.Mesh)); err != nil {
+			return fmt.Errorf("exports: %w", err)
+		}
+	} else if len(x.Services) > 0 {
+		return errors.New("exports without the mesh's ID")
+	}
+	seen := map[mesh.ServiceKey]bool{}
+	for _, s := range x.Services {
+		key, err := mesh.NewServiceKey(s.Namespace, s.Name)
+		if err != nil {
+			return fmt.Errorf("export: %w", err)
+		}
+		if seen[key] {
+			return fmt.Errorf("export %s twice", key)
+		}
+		seen[key] = true
+		if len(s.Ports) == 0 || len(s.Ports) > maxServicePorts || slices.Contains(s.Ports, 0) {
+			return fmt.Errorf("export %s: ports %v", key, s.Ports)
+		}
+		if len(s.Consumers) == 0 {
+			return fmt.Errorf("export %s: no consumers", key)
+		}
+		for _, m := range s.Consumers {
+			if _, ok := x.Peers[m]; !ok {
+				return fmt.Errorf("export %s: consumer %s is not a live peer", key, m)
+			}
+		}
+	}
+	for m, td := range x.Peers {
+		if _, err := mesh.ParseMeshID(string(m)); err != nil {
+			return fmt.Errorf("export peers: %w", err)
+		}
+		if _, err := mesh.ParseTrustDomain(string(td)); err != nil {
+			return fmt.Errorf("export peer %s: %w", m, err)
+		}
+	}
+	return nil
 }
 
 type followRequest struct{}
@@ -63,6 +135,7 @@ type MeshFeed struct {
 	// by mu.
 	imports map[mesh.MeshID][]ImportedService
 	bundles map[mesh.TrustDomain]string
+	exports ExportSet
 	changed chan struct{}
 }
 
@@ -91,6 +164,14 @@ func (f *MeshFeed) SetPeerBundles(b map[mesh.TrustDomain]string) {
 	f.bumpLocked()
 }
 
+// SetExportSet implements ExportSetSink.
+func (f *MeshFeed) SetExportSet(x ExportSet) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.exports = ExportSet{Mesh: x.Mesh, Services: slices.Clone(x.Services), Peers: maps.Clone(x.Peers)}
+	f.bumpLocked()
+}
+
 func (f *MeshFeed) bumpLocked() {
 	close(f.changed)
 	f.changed = make(chan struct{})
@@ -100,7 +181,11 @@ func (f *MeshFeed) bumpLocked() {
 func (f *MeshFeed) frame() (FeedFrame, <-chan struct{}) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	fr := FeedFrame{Peers: []FeedPeer{}, Bundles: maps.Clone(f.bundles)}
+	fr := FeedFrame{Peers: []FeedPeer{}, Bundles: maps.Clone(f.bundles),
+		Exports: ExportSet{Mesh: f.exports.Mesh, Services: slices.Clone(f.exports.Services), Peers: maps.Clone(f.exports.Peers)}}
+	if fr.Exports.Services == nil {
+		fr.Exports.Services = []ExportSetService{}
+	}
 	for peer, svcs := range f.imports {
 		fp := FeedPeer{Mesh: peer, Services: []ExportedService{}}
 		for _, s := range svcs {
@@ -152,6 +237,9 @@ func DecodeFeedFrame(b []byte) (*FeedFrame, error) {
 		if err := c.Validate(); err != nil {
 			return nil, fmt.Errorf("federation: feed frame: peer %d (%s): %w", i, p.Mesh, err)
 		}
+	}
+	if err := fr.Exports.validate(); err != nil {
+		return nil, fmt.Errorf("federation: feed frame: %w", err)
 	}
 	for td, pem := range fr.Bundles {
 		if _, err := mesh.ParseTrustDomain(string(td)); err != nil {
@@ -253,9 +341,11 @@ type FollowerConfig struct {
 	// Roots returns this mesh's roots, which the endpoint's certificate must chain to.
 	// Required.
 	Roots func() []*x509.Certificate
-	// Imports receives the imports; PeerBundles the peers' bundles. Either may be nil.
+	// Imports receives the imports, PeerBundles the peers' bundles, Exports the export
+	// set. Any may be nil.
 	Imports     ImportSink
 	PeerBundles PeerBundleSink
+	Exports     ExportSetSink
 	// StaleWindow is how long the imports are kept while the stream is down: default one
 	// minute; negative withdraws them at once.
 	StaleWindow time.Duration
@@ -424,13 +514,17 @@ func (f *Follower) apply(fr *FeedFrame) {
 	if f.cfg.PeerBundles != nil {
 		f.cfg.PeerBundles.SetPeerBundles(fr.Bundles)
 	}
+	if f.cfg.Exports != nil {
+		f.cfg.Exports.SetExportSet(fr.Exports)
+	}
 	f.peers = next
 	f.downSince = time.Time{}
 	f.st = FollowerStatus{Connected: true, LastFrame: time.Now().UTC(), Imported: imported}
 	f.up.Set(1)
 }
 
-// down records a broken stream and withdraws the imports once the stale window is over
+// down records a broken stream and withdraws the imports and the export set once the
+// stale window is over
 // (at the first down after it; Run retries every RetryInterval, so within that).
 func (f *Follower) down(err error) {
 	f.mu.Lock()
@@ -450,6 +544,9 @@ func (f *Follower) down(err error) {
 			f.cfg.Imports.ReplaceImports(peer, nil)
 		}
 	}
-	f.log.Warn("imports withdrawn: the stream from the federation endpoint is down longer than the stale window", "peers", len(f.peers))
+	if f.cfg.Exports != nil { // fail closed: this primary's gateways stop routing exports
+		f.cfg.Exports.SetExportSet(ExportSet{})
+	}
+	f.log.Warn("imports and exports withdrawn: the stream from the federation endpoint is down longer than the stale window", "peers", len(f.peers))
 	f.peers, f.st.Withdrawn, f.st.Imported = map[mesh.MeshID]bool{}, true, nil
 }

@@ -23,6 +23,24 @@ import (
 	"github.com/isthmus-mesh/isthmus/trust"
 )
 
+// exportSink records the last export set.
+type exportSink struct {
+	mu  sync.Mutex
+	got ExportSet
+}
+
+func (e *exportSink) SetExportSet(x ExportSet) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.got = x
+}
+
+func (e *exportSink) get() ExportSet {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.got
+}
+
 // bundleSink records the last bundles set.
 type bundleSink struct {
 	mu  sync.Mutex
@@ -47,6 +65,7 @@ type testFollower struct {
 	f       *Follower
 	sink    *sink
 	bundles *bundleSink
+	exports *exportSink
 	reg     *prometheus.Registry
 	stop    context.CancelFunc
 	done    chan error
@@ -63,12 +82,12 @@ func newTestFollower(t *testing.T, m *testMesh, address string, cert *tls.Certif
 			t.Fatal(err)
 		}
 	}
-	tf := &testFollower{sink: &sink{}, bundles: &bundleSink{}, reg: prometheus.NewRegistry(), done: make(chan error, 1)}
+	tf := &testFollower{sink: &sink{}, bundles: &bundleSink{}, exports: &exportSink{}, reg: prometheus.NewRegistry(), done: make(chan error, 1)}
 	var err error
 	tf.f, err = NewFollower(FollowerConfig{Address: address, TrustDomain: m.td,
 		Certificate: func() (*tls.Certificate, error) { return cert, nil },
 		Roots:       func() []*x509.Certificate { return []*x509.Certificate{m.root.Root} },
-		Imports:     tf.sink, PeerBundles: tf.bundles, StaleWindow: stale, RetryInterval: 50 * time.Millisecond, Metrics: tf.reg})
+		Imports:     tf.sink, PeerBundles: tf.bundles, Exports: tf.exports, StaleWindow: stale, RetryInterval: 50 * time.Millisecond, Metrics: tf.reg})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -126,6 +145,16 @@ func TestFollowerGetsTheMeshsImports(t *testing.T) {
 	if st := fl.f.Status(); !st.Connected || st.Imported["mesh-a"] != 1 {
 		t.Errorf("status %+v", st)
 	}
+	// The endpoint's export set (cmd hands it the gateways' set) reaches the follower.
+	set := ExportSet{Mesh: "mesh-b", Services: []ExportSetService{{Namespace: "demo", Name: "local", Ports: []uint16{8080}, Consumers: []mesh.MeshID{"mesh-a"}}},
+		Peers: map[mesh.MeshID]mesh.TrustDomain{"mesh-a": "a.example"}}
+	b.feed.SetExportSet(set)
+	eventually(t, 5*time.Second, "follower has the export set", func() error {
+		if got := fl.exports.get(); got.Mesh != "mesh-b" || len(got.Services) != 1 || got.Peers["mesh-a"] != "a.example" {
+			return fmt.Errorf("export set %+v", got)
+		}
+		return nil
+	})
 
 	a.export(map[string][]mesh.MeshID{"demo/echo": {"mesh-b"}, "demo/other": {"mesh-b"}})
 	t.Logf("a second export reached the follower in %s", want("follower imports both", "echo.demo.svc.mesh-a.isthmus", "other.demo.svc.mesh-a.isthmus"))
@@ -147,6 +176,9 @@ func TestFollowerGetsTheMeshsImports(t *testing.T) {
 		t.Errorf("imports gone %s after the kill, before the stale window: %v", time.Since(killed), got)
 	}
 	want("imports withdrawn after the stale window")
+	if got := fl.exports.get(); len(got.Services) != 0 || len(got.Peers) != 0 {
+		t.Errorf("export set %+v kept after the stale window", got)
+	}
 	if d := time.Since(killed); d < stale {
 		t.Errorf("withdrawn %s after the kill, before the %s stale window", d, stale)
 	}
@@ -254,6 +286,8 @@ func TestDecodeFeedFrame(t *testing.T) {
 		{"no ports", `[{"name":"grpc","port":8080}]`, `[]`, "0 ports"},
 		{"trailing data", `}]}]}`, `}]}]}{}`, "data after"},
 		{"bad bundle", `}]}]}`, `}]}],"bundles":{"a.example":"nope"}}`, "bundle of a.example"},
+		{"export to a mesh that is not a peer", `}]}]}`, `}]}],"exports":{"mesh":"mesh-b","services":[{"namespace":"demo","name":"x","ports":[80],"consumers":["mesh-c"]}],"peers":{"mesh-a":"a.example"}}}`, "consumer mesh-c is not a live peer"},
+		{"exports without a mesh", `}]}]}`, `}]}],"exports":{"services":[{"namespace":"demo","name":"x","ports":[80],"consumers":["mesh-a"]}],"peers":{"mesh-a":"a.example"}}}`, "without the mesh's ID"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			src := strings.Replace(good, c.from, c.to, 1)

@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -111,7 +112,10 @@ func (f *meshFederationFlags) build(ca *caServer, p *primary.Primary, td mesh.Tr
 	if err != nil {
 		return nil, err
 	}
-	gw := &gatewaySet{id: id, reg: p.Registry(), kick: make(chan struct{}, 1)}
+	// The mesh feed: the mesh's other primaries follow this endpoint (--federation-follow)
+	// and get the same imports and export set, and the same bundles when peers are trusted.
+	feed := federation.NewMeshFeed()
+	gw := &gatewaySet{id: id, reg: p.Registry(), feed: feed, kick: make(chan struct{}, 1)}
 	exports, err := federation.NewKubeExports(federation.KubeExportsConfig{Client: client, MCS: mcs, Namespace: namespace, Log: log.With("component", "federation-exports"),
 		OnChange: gw.setExports})
 	if err != nil {
@@ -138,9 +142,6 @@ func (f *meshFederationFlags) build(ca *caServer, p *primary.Primary, td mesh.Tr
 	bundles := federation.NewStoreBundles(trust.BundleStore{Client: client, Namespace: namespace}, log.With("component", "federation-bundles"))
 	// The sink's calls also say that the set of live peerings changed (each brings its
 	// bundle), which the gateways' export set follows.
-	// The mesh feed: the mesh's other primaries follow this endpoint (--federation-follow)
-	// and get the same imports, and the same bundles when peers are trusted.
-	feed := federation.NewMeshFeed()
 	peerBundles := livePeers{kick: gw.kick}
 	if f.shareBundles {
 		peerBundles.next = bundleFanOut{bundles, feed}
@@ -238,6 +239,7 @@ func (l livePeers) SetPeerBundles(b map[mesh.TrustDomain]string) {
 type gatewaySet struct {
 	id   mesh.MeshID
 	reg  *primary.Registry
+	feed federation.ExportSetSink // the followers' copy of the set
 	kick chan struct{}
 
 	mu sync.Mutex
@@ -279,7 +281,35 @@ func (g *gatewaySet) applyLocked() {
 	if g.live == nil {
 		return // the peerings are read at start; until then the gateways export nothing
 	}
-	g.reg.SetFederationExports(gatewayExports(g.id, g.exports, g.live))
+	ge := gatewayExports(g.id, g.exports, g.live)
+	g.reg.SetFederationExports(ge)
+	if g.feed != nil {
+		g.feed.SetExportSet(exportSetOf(ge))
+	}
+}
+
+// exportSetOf is the mesh feed's form of the primary's export set; registryExports the
+// way back on a follower.
+func exportSetOf(ge primary.FederationExports) federation.ExportSet {
+	x := federation.ExportSet{Mesh: ge.Mesh, Services: []federation.ExportSetService{}, Peers: maps.Clone(ge.Peers)}
+	for _, k := range slices.SortedFunc(maps.Keys(ge.Services), func(a, b mesh.ServiceKey) int { return strings.Compare(a.String(), b.String()) }) {
+		x.Services = append(x.Services, federation.ExportSetService{Namespace: k.Namespace, Name: k.Name,
+			Ports: slices.Clone(ge.Services[k]), Consumers: slices.Clone(ge.Consumers[k])})
+	}
+	return x
+}
+
+// registryExports writes a followed export set into the primary's registry, so this
+// primary's gateways route the exports and its servers refuse peers as the endpoint's do.
+type registryExports struct{ reg *primary.Registry }
+
+func (r registryExports) SetExportSet(x federation.ExportSet) {
+	ge := primary.FederationExports{Mesh: x.Mesh, Services: map[mesh.ServiceKey][]uint16{}, Consumers: map[mesh.ServiceKey][]mesh.MeshID{}, Peers: maps.Clone(x.Peers)}
+	for _, s := range x.Services {
+		k := mesh.ServiceKey{Namespace: s.Namespace, Name: s.Name}
+		ge.Services[k], ge.Consumers[k] = slices.Clone(s.Ports), slices.Clone(s.Consumers)
+	}
+	r.reg.SetFederationExports(ge)
 }
 
 // gatewayExports is the primary's view of what this mesh exports: every exported port of

@@ -43,7 +43,7 @@ func (f *meshFederationFlags) buildFollower(ca *caServer, p *primary.Primary, td
 	certs := &endpointCerts{ca: ca, namespace: namespace}
 	fl, err := federation.NewFollower(federation.FollowerConfig{Address: f.follow, TrustDomain: td, Certificate: certs.get,
 		Roots:   func() []*x509.Certificate { return ca.ca.CurrentAuthority().TrustAnchors() },
-		Imports: fanOut{registryImports{reg: p.Registry()}, imports}, PeerBundles: bundles,
+		Imports: fanOut{registryImports{reg: p.Registry()}, imports}, PeerBundles: bundles, Exports: registryExports{reg: p.Registry()},
 		StaleWindow: f.staleWindow, Log: log, Metrics: reg})
 	if err != nil {
 		return nil, err

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"maps"
@@ -299,4 +300,29 @@ func TestDecodeFeedFrame(t *testing.T) {
 			}
 		})
 	}
+}
+
+// FuzzFeedFrame: whatever a follower receives, decoding never panics, and a frame it
+// accepts encodes and decodes again to an accepted frame with the same peers and exports.
+func FuzzFeedFrame(f *testing.F) {
+	f.Add([]byte(`{"peers":[{"mesh":"mesh-a","trustDomain":"a.example","services":[{"namespace":"demo","name":"echo","ports":[{"name":"grpc","port":8080}],"gateways":["10.0.0.1:15443"],"consumers":[]}]}],"exports":{"mesh":"mesh-b","services":[{"namespace":"demo","name":"x","ports":[80],"consumers":["mesh-a"]}],"peers":{"mesh-a":"a.example"}}}`))
+	f.Add([]byte(`{"peers":[]}`))
+	f.Add([]byte(`{"peers":[{"mesh":"m","trustDomain":"t","services":null}],"bundles":{"t":""}}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		fr, err := DecodeFeedFrame(b)
+		if err != nil {
+			return
+		}
+		again, err := json.Marshal(fr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fr2, err := DecodeFeedFrame(again)
+		if err != nil {
+			t.Fatalf("an accepted frame, encoded again, is refused: %v\n%s", err, again)
+		}
+		if len(fr2.Peers) != len(fr.Peers) || len(fr2.Exports.Services) != len(fr.Exports.Services) {
+			t.Fatalf("round trip changed the frame: %+v vs %+v", fr, fr2)
+		}
+	})
 }

@@ -50,6 +50,9 @@ type EndpointConfig struct {
 	// PeerBundles receives the live peers' trust bundles; nil keeps them to the
 	// federation endpoint.
 	PeerBundles PeerBundleSink
+	// Feed, when set, is served to the mesh's other primaries (Follow); cmd hands it the
+	// same imports and bundles as Imports and PeerBundles.
+	Feed *MeshFeed
 	// Problems, when set, lists why exports or imports are not served (PeeringList).
 	Problems func() []string
 	// Store persists peerings; default a MemoryStore.

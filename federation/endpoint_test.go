@@ -48,14 +48,24 @@ func (s *sink) hosts(peer mesh.MeshID) []string {
 	return out
 }
 
+// sinks hands imports to each sink.
+type sinks []ImportSink
+
+func (s sinks) ReplaceImports(peer mesh.MeshID, services []ImportedService) {
+	for _, x := range s {
+		x.ReplaceImports(peer, services)
+	}
+}
+
 // testMesh is one in-process mesh: a real CA, a federation endpoint on loopback, its
 // gossip pool, a static export source and an import sink.
 type testMesh struct {
 	t        testing.TB
 	id       mesh.MeshID
 	td       mesh.TrustDomain
-	ca       *trust.Authority
+	root, ca *trust.Authority
 	cert     *tls.Certificate
+	feed     *MeshFeed
 	addr     string
 	gossip   int
 	store    *MemoryStore
@@ -96,7 +106,7 @@ func newTestMeshStale(t testing.TB, id mesh.MeshID, td mesh.TrustDomain, stale t
 	if err != nil {
 		t.Fatal(err)
 	}
-	m := &testMesh{t: t, id: id, td: td, ca: ca, cert: cert, addr: fmt.Sprintf("127.0.0.1:%d", freePort(t)), gossip: freePort(t),
+	m := &testMesh{t: t, id: id, td: td, root: root, ca: ca, cert: cert, feed: NewMeshFeed(), addr: fmt.Sprintf("127.0.0.1:%d", freePort(t)), gossip: freePort(t),
 		store: &MemoryStore{}, exports: NewStaticExports(nil), sink: &sink{}, stale: stale}
 	m.start()
 	t.Cleanup(m.kill)
@@ -123,7 +133,7 @@ func (m *testMesh) start() {
 		Certificate: func() (*tls.Certificate, error) { return m.cert, nil },
 		Roots:       func() []*x509.Certificate { return m.ca.TrustAnchors() },
 		Listener:    l, GossipPort: m.gossip, Gateways: []string{"10.9.0.1:15443"},
-		Exports: m.exports, Imports: m.sink, Store: m.store, StaleWindow: m.stale, RetryInterval: 100 * time.Millisecond,
+		Exports: m.exports, Imports: sinks{m.sink, m.feed}, PeerBundles: m.feed, Feed: m.feed, Store: m.store, StaleWindow: m.stale, RetryInterval: 100 * time.Millisecond,
 		Metrics: m.reg, Now: func() time.Time { return time.Now().Add(time.Duration(m.clockOff.Load())) }})
 	if err != nil {
 		m.t.Fatal(err)

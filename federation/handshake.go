@@ -8,6 +8,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	mrand "math/rand/v2"
 	"slices"
 	"strings"
 	"sync"
@@ -400,11 +401,29 @@ func (e *Endpoint) establish(ctx context.Context, req *establishRequest) (*estab
 	}
 	resp := &establishResponse{FederationID: e.state.FederationID, FederationSecret: e.state.FederationSecret}
 	if e.pool != nil {
-		for _, m := range e.pool.Members() {
-			resp.GossipAddrs = append(resp.GossipAddrs, m.Addr)
-		}
+		resp.GossipAddrs = joinSeeds(e.pool.Addr(), e.pool.Members(), maxJoinSeeds)
 	}
 	e.log.Info("peering established", "peer", p.Name, "mesh", req.Mesh, "trust_domain", req.TrustDomain)
 	e.kick()
 	return resp, nil
+}
+
+// maxJoinSeeds is how many pool members an acceptor gives a dialer to join: itself and a
+// few others, so that the join survives one of them being down. Gossip spreads the rest
+// of the membership; joining every member made setting up n meshes O(n²) push/pulls of
+// an O(n) member list (docs/benchmarks.md, "Federation").
+const maxJoinSeeds = 3
+
+// joinSeeds returns self followed by up to n-1 other alive members' addresses, picked at
+// random so that many dialers do not all push/pull with the same few members.
+func joinSeeds(self string, members []Member, n int) []string {
+	out := []string{self}
+	var others []string
+	for _, m := range members {
+		if m.Alive && m.Addr != self {
+			others = append(others, m.Addr)
+		}
+	}
+	mrand.Shuffle(len(others), func(i, j int) { others[i], others[j] = others[j], others[i] })
+	return append(out, others[:min(len(others), n-1)]...)
 }

@@ -3,6 +3,7 @@ package federation
 import (
 	"bytes"
 	"fmt"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -152,5 +153,23 @@ func TestGossipKey(t *testing.T) {
 	}
 	if _, err := GossipKey([]byte("short"), "fed-1"); err == nil {
 		t.Fatal("short secret accepted")
+	}
+}
+
+// TestJoinSeeds: an acceptor hands a dialer itself first and at most two other alive
+// members, never a dead one, never itself twice.
+func TestJoinSeeds(t *testing.T) {
+	members := []Member{{Name: "self", Addr: "127.0.0.1:1", Alive: true}, {Name: "dead", Addr: "127.0.0.1:2"}}
+	for i := range 10 {
+		members = append(members, Member{Name: fmt.Sprint("m", i), Addr: fmt.Sprintf("127.0.0.1:%d", 10+i), Alive: true})
+	}
+	for range 20 {
+		got := joinSeeds("127.0.0.1:1", members, maxJoinSeeds)
+		if len(got) != maxJoinSeeds || got[0] != "127.0.0.1:1" || slices.Contains(got, "127.0.0.1:2") || slices.Contains(got[1:], "127.0.0.1:1") || got[1] == got[2] {
+			t.Fatalf("seeds %v", got)
+		}
+	}
+	if got := joinSeeds("127.0.0.1:1", members[:2], maxJoinSeeds); !slices.Equal(got, []string{"127.0.0.1:1"}) {
+		t.Fatalf("seeds of a pool of one %v", got)
 	}
 }

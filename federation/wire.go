@@ -45,6 +45,12 @@ func IssueEndpointCertificate(ctx context.Context, a *trust.Authority, namespace
 	if err != nil {
 		return nil, fmt.Errorf("federation: endpoint identity: %w", err)
 	}
+	return issueCertificate(ctx, a, id, ttl)
+}
+
+// issueCertificate issues a certificate of id from a (a fresh P-256 key), the root left
+// out of the chain.
+func issueCertificate(ctx context.Context, a *trust.Authority, id mesh.Identity, ttl time.Duration) (*tls.Certificate, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, fmt.Errorf("federation: endpoint key: %w", err)
@@ -245,6 +251,7 @@ type federationServer interface {
 	bundle(ctx context.Context) (*bundleResponse, error)
 	establish(ctx context.Context, req *establishRequest) (*establishResponse, error)
 	watch(req *watchRequest, stream grpc.ServerStream) error
+	follow(req *followRequest, stream grpc.ServerStream) error
 }
 
 var serviceDesc = grpc.ServiceDesc{
@@ -272,5 +279,11 @@ var serviceDesc = grpc.ServiceDesc{
 			return err
 		}
 		return srv.(federationServer).watch(&req, stream)
+	}}, {StreamName: "Follow", ServerStreams: true, Handler: func(srv any, stream grpc.ServerStream) error {
+		var req followRequest
+		if err := stream.RecvMsg(&req); err != nil {
+			return err
+		}
+		return srv.(federationServer).follow(&req, stream)
 	}}},
 }

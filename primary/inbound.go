@@ -61,13 +61,14 @@ type securityPlan struct {
 	authz  []*authzPolicy
 	peers  []*peerPolicy // in precedence order
 	status []ConfigStatus
+	fed    FederationExports // peers' callers are denied what is not exported to them (federation.go)
 }
 
 // planSecurity validates and translates v's security configuration. It is pure; every
 // object is applied whole or refused whole (AuthorizationPolicies fail closed, see
 // planAuthorizationPolicy; a refused PeerAuthentication changes nothing).
 func planSecurity(v *View) *securityPlan {
-	sp := &securityPlan{}
+	sp := &securityPlan{fed: v.Exports}
 	sc := v.Security
 	if sc == nil {
 		return sp
@@ -183,6 +184,7 @@ func (sp *securityPlan) strict(ns string, labels map[string]string, port uint32)
 type securityState struct {
 	plan    *securityPlan
 	planFor *SecurityConfig
+	fedGen  uint64 // the View's ExportsGen the plan was made for
 	memo    map[ViewKey]map[mesh.Hostname]*inboundResources
 }
 
@@ -199,8 +201,8 @@ func (b *Builder) securityPlanFor(v *View) *securityPlan {
 	if b.sec == nil {
 		b.sec = &securityState{memo: map[ViewKey]map[mesh.Hostname]*inboundResources{}}
 	}
-	if b.sec.plan == nil || b.sec.planFor != v.Security {
-		b.sec.plan, b.sec.planFor = planSecurity(v), v.Security
+	if b.sec.plan == nil || b.sec.planFor != v.Security || b.sec.fedGen != v.ExportsGen {
+		b.sec.plan, b.sec.planFor, b.sec.fedGen = planSecurity(v), v.Security, v.ExportsGen
 	}
 	return b.sec.plan
 }
@@ -252,6 +254,7 @@ func serviceInbound(svc *MergedService, key ViewKey, sp *securityPlan) ([]types.
 		for _, p := range ep.Ports {
 			mtls := ep.MTLSReady || sp.strict(svc.Key.Namespace, ep.Labels, uint32(p.Number))
 			deny, allow := rbacFor(sp.authz, svc.Key.Namespace, ep.Labels)
+			deny = sp.fed.denyPeers(deny, svc.Key)
 			l, err := inboundListener(netip.AddrPortFrom(ep.Address, p.Number), mtls, deny, allow)
 			if err != nil {
 				return nil, err

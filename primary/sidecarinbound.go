@@ -80,6 +80,7 @@ func BuildSidecarInbound(v *View, key ViewKey) (Resources, error) {
 				}
 				seen[addr] = true
 				deny, allow := rbacFor(sp.authz, svc.Key.Namespace, ep.Labels)
+				deny = sp.fed.denyPeers(deny, svc.Key)
 				strict := sp.strict(svc.Key.Namespace, ep.Labels, uint32(p.Number))
 				chains, err := sidecarInboundChains(addr, strict, deny, allow)
 				if err != nil {

@@ -287,6 +287,13 @@ func (e *localEnv) StartPrimary(ctx context.Context, s PrimarySpec) (*Component,
 				args = append(args, "--federation-gateway", g)
 			}
 		}
+		if s.FederationFollow != "" {
+			stale := 2 * time.Second // as the endpoint's, above
+			if s.StaleWindow > 0 {
+				stale = s.StaleWindow
+			}
+			args = append(args, "--federation-follow", s.FederationFollow, "--federation-stale-window", stale.String())
+		}
 		return &Component{Kind: "primary", Name: "primary-" + c.Name, Cluster: c.Name, Network: c.Network, Addresses: addr}, args
 	})
 }

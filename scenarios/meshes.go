@@ -240,6 +240,17 @@ func ImportHostname(service, meshID string) string {
 	return string(mesh.ServiceKey{Namespace: ns, Name: name}.FederatedHostname(mesh.MeshID(meshID)))
 }
 
+// followFederation makes the primary of c, which is not its mesh's federation cluster,
+// follow the mesh's federation endpoint (started before it: the federation cluster is
+// the mesh's first primary), so that the mesh's imports and peers' bundles reach c too.
+func (r *Run) followFederation(spec *PrimarySpec, c ClusterSpec, progress func(string)) {
+	fc := r.Topology.FederationCluster(c.Mesh)
+	if p := r.Primaries[fc]; p != nil && p.Addresses["federation"] != "" {
+		spec.FederationFollow = p.Addresses["federation"]
+		progress(fmt.Sprintf("the primary of %s follows mesh %s's federation endpoint in %s", c.Name, c.Mesh, fc))
+	}
+}
+
 // federationDir is where the federation cluster's primary keeps its federation state and
 // admin socket.
 func (r *Run) federationDir(cluster string) string {

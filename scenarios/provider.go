@@ -81,6 +81,10 @@ type PrimarySpec struct {
 	Mesh               mesh.MeshID
 	FederationDir      string
 	FederationGateways []string
+	// FederationFollow, when set, is the federation endpoint (HOST:PORT) of the mesh's
+	// federation cluster that this primary, another of the mesh, follows (`isthmus
+	// primary --federation-follow`): its imports and peers' bundles reach this cluster too.
+	FederationFollow string
 }
 
 // GatewaySpec asks for a network's east-west gateway.

@@ -154,6 +154,8 @@ func (r *Run) up(ctx context.Context, progress func(string)) error {
 					spec.FederationGateways = append(spec.FederationGateways, t.federationAddress(n).String())
 				}
 				progress(fmt.Sprintf("the primary of %s runs mesh %s's federation endpoint", c.Name, c.Mesh))
+			} else if c.Mesh != "" {
+				r.followFederation(&spec, c, progress)
 			}
 			if c.ControlPlane.Role == RoleConfig {
 				progress(fmt.Sprintf("starting the external control plane of config cluster %s (its own process, config credential only)", c.Name))

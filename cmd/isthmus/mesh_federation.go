@@ -8,11 +8,13 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -36,6 +38,7 @@ const SourceFederation = "federation"
 // meshFederationFlags are the primary's mesh-federation flags (docs/federation.md).
 type meshFederationFlags struct {
 	meshID, addr, dir, gossip string
+	follow                    string
 	advertise, gateways       []string
 	tokenTTL, staleWindow     time.Duration
 	shareBundles              bool
@@ -43,6 +46,7 @@ type meshFederationFlags struct {
 
 func (f *meshFederationFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&f.addr, "federation-addr", "", "address of this mesh's federation endpoint (mTLS gRPC: peering, catalogs); mesh federation is off when empty")
+	fs.StringVar(&f.follow, "federation-follow", "", "HOST:PORT of this mesh's federation endpoint (the --federation-addr of the primary that runs it): follow it, serving its imports and writing its peers' bundles here too, as another primary of the mesh (needs --ca-dir; not with --federation-addr)")
 	fs.StringVar(&f.meshID, "mesh-id", "", "this mesh's ID (required with --federation-addr)")
 	fs.StringVar(&f.dir, "federation-dir", "", "directory of the federation state (peerings, federation secret; 0700) and the admin socket admin.sock that `isthmus mesh peering` uses (required with --federation-addr)")
 	fs.StringSliceVar(&f.advertise, "federation-advertise", nil, "HOST:PORT peers dial for this federation endpoint, put in tokens (default: --federation-addr)")
@@ -55,19 +59,26 @@ func (f *meshFederationFlags) register(fs *pflag.FlagSet) {
 
 // meshFederation is what runs beside the primary when mesh federation is on.
 type meshFederation struct {
-	ep      *federation.Endpoint
-	gw      *gatewaySet
-	exports *federation.KubeExports
-	imports *federation.KubeImports
-	bundles *federation.StoreBundles
-	admin   net.Listener
-	log     *slog.Logger
+	ep       *federation.Endpoint
+	follower *federation.Follower // instead of ep, on the mesh's other primaries
+	gw       *gatewaySet
+	exports  *federation.KubeExports
+	imports  *federation.KubeImports
+	bundles  *federation.StoreBundles
+	admin    net.Listener
+	log      *slog.Logger
 }
 
 // build validates the flags and makes the endpoint; nil when --federation-addr is empty.
 func (f *meshFederationFlags) build(ca *caServer, p *primary.Primary, td mesh.TrustDomain, namespace string, client kubernetes.Interface, rc *rest.Config, reg prometheus.Registerer, log *slog.Logger) (*meshFederation, error) {
 	if f.addr == "" {
+		if f.follow != "" {
+			return f.buildFollower(ca, p, td, namespace, client, rc, reg, log)
+		}
 		return nil, nil
+	}
+	if f.follow != "" {
+		return nil, errors.New("--federation-follow is for the mesh's other primaries: a primary runs the federation endpoint (--federation-addr) or follows one, not both")
 	}
 	if ca == nil {
 		return nil, errors.New("--federation-addr needs --ca-dir: the federation endpoint's certificate and the bundle given to peers come from the mesh CA")
@@ -101,7 +112,10 @@ func (f *meshFederationFlags) build(ca *caServer, p *primary.Primary, td mesh.Tr
 	if err != nil {
 		return nil, err
 	}
-	gw := &gatewaySet{id: id, reg: p.Registry(), kick: make(chan struct{}, 1)}
+	// The mesh feed: the mesh's other primaries follow this endpoint (--federation-follow)
+	// and get the same imports and export set, and the same bundles when peers are trusted.
+	feed := federation.NewMeshFeed()
+	gw := &gatewaySet{id: id, reg: p.Registry(), feed: feed, kick: make(chan struct{}, 1)}
 	exports, err := federation.NewKubeExports(federation.KubeExportsConfig{Client: client, MCS: mcs, Namespace: namespace, Log: log.With("component", "federation-exports"),
 		OnChange: gw.setExports})
 	if err != nil {
@@ -130,13 +144,13 @@ func (f *meshFederationFlags) build(ca *caServer, p *primary.Primary, td mesh.Tr
 	// bundle), which the gateways' export set follows.
 	peerBundles := livePeers{kick: gw.kick}
 	if f.shareBundles {
-		peerBundles.next = bundles
+		peerBundles.next = bundleFanOut{bundles, feed}
 	}
 	ep, err := federation.NewEndpoint(federation.EndpointConfig{
 		Mesh: id, TrustDomain: td, Certificate: certs.get,
 		Roots:    func() []*x509.Certificate { return ca.ca.CurrentAuthority().TrustAnchors() },
 		Listener: l, Advertise: f.advertise, GossipBindAddr: host, GossipPort: gport, Gateways: f.gateways,
-		Exports: exports, Imports: fanOut{registryImports{reg: p.Registry()}, imports}, PeerBundles: peerBundles,
+		Exports: exports, Imports: fanOut{registryImports{reg: p.Registry()}, imports, feed}, PeerBundles: peerBundles, Feed: feed,
 		Problems: func() []string {
 			out := append(exports.Problems(), imports.Problems()...)
 			if err := bundles.Err(); err != nil {
@@ -160,6 +174,12 @@ func (m *meshFederation) runBeside(ctx context.Context, runPrimary func(context.
 	g, ctx := errgroup.WithContext(ctx)
 	ctx, cancel := context.WithCancel(ctx)
 	g.Go(func() error { defer cancel(); return runPrimary(ctx) })
+	if m.follower != nil {
+		g.Go(func() error { return m.follower.Run(ctx) })
+		g.Go(func() error { return m.imports.Run(ctx) })
+		g.Go(func() error { return m.bundles.Run(ctx) })
+		return g.Wait()
+	}
 	g.Go(func() error { return m.ep.Run(ctx) })
 	g.Go(func() error { return m.exports.Run(ctx) })
 	g.Go(func() error { return m.imports.Run(ctx) })
@@ -219,13 +239,14 @@ func (l livePeers) SetPeerBundles(b map[mesh.TrustDomain]string) {
 type gatewaySet struct {
 	id   mesh.MeshID
 	reg  *primary.Registry
+	feed federation.ExportSetSink // the followers' copy of the set
 	kick chan struct{}
 
 	mu sync.Mutex
 	// exports and live are the inputs; guarded by mu. live is nil until the peerings
 	// were first read.
 	exports []federation.Export
-	live    map[mesh.MeshID]bool
+	live    map[mesh.MeshID]mesh.TrustDomain
 }
 
 func (g *gatewaySet) setExports(e []federation.Export) {
@@ -238,10 +259,10 @@ func (g *gatewaySet) setExports(e []federation.Export) {
 // run reads the live peerings whenever kicked, until ctx ends.
 func (g *gatewaySet) run(ctx context.Context, ep *federation.Endpoint) error {
 	for {
-		live := map[mesh.MeshID]bool{}
+		live := map[mesh.MeshID]mesh.TrustDomain{}
 		for _, p := range ep.Peerings() {
 			if p.State != federation.StateTerminated && p.State != federation.StatePending {
-				live[p.PeerMesh] = true
+				live[p.PeerMesh] = p.PeerTrustDomain
 			}
 		}
 		g.mu.Lock()
@@ -260,23 +281,69 @@ func (g *gatewaySet) applyLocked() {
 	if g.live == nil {
 		return // the peerings are read at start; until then the gateways export nothing
 	}
-	g.reg.SetFederationExports(gatewayExports(g.id, g.exports, g.live))
+	ge := gatewayExports(g.id, g.exports, g.live)
+	g.reg.SetFederationExports(ge)
+	if g.feed != nil {
+		g.feed.SetExportSet(exportSetOf(ge))
+	}
+}
+
+// exportSetOf is the mesh feed's form of the primary's export set; registryExports the
+// way back on a follower.
+func exportSetOf(ge primary.FederationExports) federation.ExportSet {
+	x := federation.ExportSet{Mesh: ge.Mesh, Services: []federation.ExportSetService{}, Peers: maps.Clone(ge.Peers)}
+	for _, k := range slices.SortedFunc(maps.Keys(ge.Services), func(a, b mesh.ServiceKey) int { return strings.Compare(a.String(), b.String()) }) {
+		x.Services = append(x.Services, federation.ExportSetService{Namespace: k.Namespace, Name: k.Name,
+			Ports: slices.Clone(ge.Services[k]), Consumers: slices.Clone(ge.Consumers[k])})
+	}
+	return x
+}
+
+// registryExports writes a followed export set into the primary's registry, so this
+// primary's gateways route the exports and its servers refuse peers as the endpoint's do.
+type registryExports struct{ reg *primary.Registry }
+
+func (r registryExports) SetExportSet(x federation.ExportSet) {
+	ge := primary.FederationExports{Mesh: x.Mesh, Services: map[mesh.ServiceKey][]uint16{}, Consumers: map[mesh.ServiceKey][]mesh.MeshID{}, Peers: maps.Clone(x.Peers)}
+	for _, s := range x.Services {
+		k := mesh.ServiceKey{Namespace: s.Namespace, Name: s.Name}
+		ge.Services[k], ge.Consumers[k] = slices.Clone(s.Ports), slices.Clone(s.Consumers)
+	}
+	r.reg.SetFederationExports(ge)
 }
 
 // gatewayExports is the primary's view of what this mesh exports: every exported port of
 // a service exported to at least one live peer, whichever it is (the gateway cannot tell
-// peers apart; see docs/federation.md).
-func gatewayExports(self mesh.MeshID, exports []federation.Export, live map[mesh.MeshID]bool) primary.FederationExports {
-	out := primary.FederationExports{Mesh: self, Services: make(map[mesh.ServiceKey][]uint16, len(exports))}
+// peers apart; see docs/federation.md), the live consumers of each, and every live peer's
+// trust domain, whose callers servers refuse on every service not exported to that peer.
+func gatewayExports(self mesh.MeshID, exports []federation.Export, live map[mesh.MeshID]mesh.TrustDomain) primary.FederationExports {
+	out := primary.FederationExports{Mesh: self, Services: make(map[mesh.ServiceKey][]uint16, len(exports)),
+		Consumers: map[mesh.ServiceKey][]mesh.MeshID{}, Peers: maps.Clone(live)}
 	for _, e := range exports {
-		if !slices.ContainsFunc(e.Consumers, func(m mesh.MeshID) bool { return live[m] }) {
+		var consumers []mesh.MeshID
+		for _, m := range e.Consumers {
+			if _, ok := live[m]; ok {
+				consumers = append(consumers, m)
+			}
+		}
+		if len(consumers) == 0 {
 			continue
 		}
+		out.Consumers[e.Key] = consumers
 		for _, p := range e.Ports {
 			out.Services[e.Key] = append(out.Services[e.Key], p.Port)
 		}
 	}
 	return out
+}
+
+// bundleFanOut hands peer bundles to several sinks.
+type bundleFanOut []federation.PeerBundleSink
+
+func (f bundleFanOut) SetPeerBundles(b map[mesh.TrustDomain]string) {
+	for _, sink := range f {
+		sink.SetPeerBundles(b)
+	}
 }
 
 // fanOut hands imports to several sinks.

@@ -180,9 +180,11 @@ func (p *Proxy) newPortServer(name string, ln net.Listener) *portServer {
 		h := http.Handler(&handler{ps: ps, secure: secure})
 		srv := &http.Server{
 			ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 5 * time.Minute, MaxHeaderBytes: 60 << 10,
-			ErrorLog:    slog.NewLogLogger(p.opt.Log.Handler(), slog.LevelDebug),
-			ConnContext: func(ctx context.Context, c net.Conn) context.Context { return context.WithValue(ctx, connKey{}, trackedOf(c)) },
-			ConnState:   p.connState,
+			ErrorLog: slog.NewLogLogger(p.opt.Log.Handler(), slog.LevelDebug),
+			ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+				return context.WithValue(ctx, connKey{}, trackedOf(c))
+			},
+			ConnState: p.connState,
 		}
 		h2 := &http2.Server{MaxConcurrentStreams: 250, IdleTimeout: 5 * time.Minute}
 		if secure {

@@ -38,6 +38,11 @@ const KindGateway = "Gateway"
 // "kubernetes://<credentialName>", Istio's spelling.
 const CredentialPrefix = "kubernetes://"
 
+// CACertSuffix ends the SDS name of the client CA a MUTUAL server verifies clients with:
+// "kubernetes://<credentialName>-cacert", Istio's spelling; it comes from the
+// credential Secret's ca.crt.
+const CACertSuffix = "-cacert"
+
 // Ingress listener settings every HTTP connection manager of an ingress carries, so that
 // a slow or oversized client is cut off by the proxy rather than held.
 const (
@@ -51,6 +56,8 @@ const (
 type GatewayCredential struct {
 	Namespace, Name, ResourceVersion string
 	CertChain, Key                   []byte
+	// CACert is the Secret's ca.crt, when it has one: the client CA of MUTUAL servers.
+	CACert []byte
 }
 
 // IngressConfig is one immutable snapshot of what configures ingress gateways: the
@@ -161,7 +168,8 @@ type gatewayServer struct {
 	portName   string
 	class      string
 	hosts      []gatewayHost
-	credential string // SIMPLE: the Secret's name
+	credential string // SIMPLE and MUTUAL: the Secret's name
+	mutual     bool   // MUTUAL: clients must present a certificate from the Secret's ca.crt
 	redirect   bool   // tls.httpsRedirect
 }
 
@@ -308,14 +316,14 @@ func planGateway(gw *networkingv1.Gateway) (*gatewayPlan, []string, *configError
 			}
 		case "HTTPS", "TLS":
 			switch t.GetMode() {
-			case apinet.ServerTLSSettings_SIMPLE:
+			case apinet.ServerTLSSettings_SIMPLE, apinet.ServerTLSSettings_MUTUAL:
 				if proto == "TLS" {
-					return nil, nil, rejectConfig(ReasonUnsupported, "%s.tls.mode SIMPLE on a TLS server (terminate, then TCP) is not supported yet", f)
+					return nil, nil, rejectConfig(ReasonUnsupported, "%s.tls.mode %s on a TLS server (terminate, then TCP) is not supported yet", f, t.GetMode())
 				}
 				srv.class = serverHTTPS
-				srv.credential = t.GetCredentialName()
+				srv.credential, srv.mutual = t.GetCredentialName(), t.GetMode() == apinet.ServerTLSSettings_MUTUAL
 				if srv.credential == "" {
-					return nil, nil, rejectConfig(ReasonInvalid, "%s.tls.credentialName: required for mode SIMPLE", f)
+					return nil, nil, rejectConfig(ReasonInvalid, "%s.tls.credentialName: required for mode %s", f, t.GetMode())
 				}
 				if errs := validation.IsDNS1123Subdomain(srv.credential); len(errs) > 0 {
 					return nil, nil, rejectConfig(ReasonInvalid, "%s.tls.credentialName %q: %s (a Secret of the gateway's own namespace)", f, srv.credential, strings.Join(errs, "; "))
@@ -326,7 +334,7 @@ func planGateway(gw *networkingv1.Gateway) (*gatewayPlan, []string, *configError
 				}
 				srv.class = serverPassthrough
 			default:
-				return nil, nil, rejectConfig(ReasonUnsupported, "%s.tls.mode %s is not supported yet (SIMPLE and PASSTHROUGH are)", f, t.GetMode())
+				return nil, nil, rejectConfig(ReasonUnsupported, "%s.tls.mode %s is not supported yet (SIMPLE, MUTUAL and PASSTHROUGH are)", f, t.GetMode())
 			}
 			if t.GetHttpsRedirect() {
 				warn = append(warn, f+".tls.httpsRedirect applies to HTTP servers only")
@@ -566,7 +574,7 @@ func (b *Builder) buildIngress(v *View, key ViewKey) (Resources, error) {
 		}
 		for _, s := range servers {
 			if s.srv.credential != "" {
-				secrets[s.srv.credential] = true
+				secrets[s.srv.credential] = secrets[s.srv.credential] || s.srv.mutual
 			}
 		}
 	}
@@ -586,6 +594,14 @@ func (b *Builder) buildIngress(v *View, key ViewKey) (Resources, error) {
 				PrivateKey:       &core.DataSource{Specifier: &core.DataSource_InlineBytes{InlineBytes: c.Key}},
 			}},
 		})
+		if secrets[name] && len(c.CACert) > 0 { // a MUTUAL server's client CA; without it the chain waits
+			res[resource.SecretType] = append(res[resource.SecretType], &tlsv3.Secret{
+				Name: CredentialPrefix + name + CACertSuffix,
+				Type: &tlsv3.Secret_ValidationContext{ValidationContext: &tlsv3.CertificateValidationContext{
+					TrustedCa: &core.DataSource{Specifier: &core.DataSource_InlineBytes{InlineBytes: c.CACert}},
+				}},
+			})
+		}
 	}
 	return res, nil
 }
@@ -689,11 +705,22 @@ func ingressListener(port uint32, servers []boundServer, services []*gatewayVS) 
 			if err != nil {
 				return nil, nil, err
 			}
-			ts, err := anypb.New(&tlsv3.DownstreamTlsContext{CommonTlsContext: &tlsv3.CommonTlsContext{
+			dtc := &tlsv3.DownstreamTlsContext{CommonTlsContext: &tlsv3.CommonTlsContext{
 				TlsCertificateSdsSecretConfigs: []*tlsv3.SdsSecretConfig{{Name: CredentialPrefix + s.srv.credential, SdsConfig: adsSource()}},
 				AlpnProtocols:                  []string{"h2", "http/1.1"},
 				TlsParams:                      &tlsv3.TlsParameters{TlsMinimumProtocolVersion: tlsv3.TlsParameters_TLSv1_2},
-			}})
+			}}
+			if s.srv.mutual {
+				// Istio's MUTUAL: a client certificate is required and verified against
+				// the credential's ca.crt, delivered as its own SDS validation context.
+				dtc.RequireClientCertificate = wrapperspb.Bool(true)
+				dtc.CommonTlsContext.ValidationContextType = &tlsv3.CommonTlsContext_CombinedValidationContext{
+					CombinedValidationContext: &tlsv3.CommonTlsContext_CombinedCertificateValidationContext{
+						DefaultValidationContext:         &tlsv3.CertificateValidationContext{},
+						ValidationContextSdsSecretConfig: &tlsv3.SdsSecretConfig{Name: CredentialPrefix + s.srv.credential + CACertSuffix, SdsConfig: adsSource()},
+					}}
+			}
+			ts, err := anypb.New(dtc)
 			if err != nil {
 				return nil, nil, err
 			}

@@ -12,11 +12,13 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
@@ -191,6 +193,55 @@ func TestIngressGolden(t *testing.T) {
 	}
 }
 
+// TestIngressMutual: a MUTUAL server requires a client certificate verified against the
+// credential's ca.crt, delivered over SDS as kubernetes://<name>-cacert (Istio's names);
+// without a ca.crt the validation secret is not served and the chain waits for it.
+func TestIngressMutual(t *testing.T) {
+	mutualGW := "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: ingress, namespace: istio-system}\nspec:\n  selector: {istio: ingressgateway}\n" +
+		"  servers:\n  - port: {number: 8443, name: mtls, protocol: HTTPS}\n    hosts: [echo.example.com]\n    tls: {mode: MUTUAL, credentialName: echo-cert}\n"
+	for _, withCA := range []bool{true, false} {
+		v, cred := ingressView(t, []string{mutualGW}, []string{ingressVS})
+		if withCA {
+			cred.CACert = cred.CertChain // any PEM CA; the proxy tests verify real clients
+			v.Ingress.Credentials["istio-system/echo-cert"] = cred
+		}
+		res, err := BuildResources(v, ingressKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := res.Validate(); err != nil {
+			t.Fatal(err)
+		}
+		if len(res[resource.ListenerType]) != 1 {
+			t.Fatalf("listeners: %d", len(res[resource.ListenerType]))
+		}
+		l := res[resource.ListenerType][0].(*listener.Listener)
+		dtc := &tlsv3.DownstreamTlsContext{}
+		if err := l.GetFilterChains()[0].GetTransportSocket().GetTypedConfig().UnmarshalTo(dtc); err != nil {
+			t.Fatal(err)
+		}
+		if !dtc.GetRequireClientCertificate().GetValue() ||
+			dtc.GetCommonTlsContext().GetCombinedValidationContext().GetValidationContextSdsSecretConfig().GetName() != "kubernetes://echo-cert-cacert" {
+			t.Errorf("MUTUAL chain: %v", dtc)
+		}
+		var names []string
+		for _, r := range res[resource.SecretType] {
+			s := r.(*tlsv3.Secret)
+			names = append(names, s.GetName())
+			if s.GetName() == "kubernetes://echo-cert-cacert" && !bytes.Equal(s.GetValidationContext().GetTrustedCa().GetInlineBytes(), cred.CACert) {
+				t.Error("the -cacert secret is not the Secret's ca.crt")
+			}
+		}
+		want := []string{"kubernetes://echo-cert"}
+		if withCA {
+			want = append(want, "kubernetes://echo-cert-cacert")
+		}
+		if !slices.Equal(names, want) {
+			t.Errorf("with ca.crt %v: secrets %v, want %v", withCA, names, want)
+		}
+	}
+}
+
 // TestIngressScoping: a router whose labels the Gateway does not select gets clusters but
 // no listeners; a view without a namespace (no authenticated one) gets no certificate.
 func TestIngressScoping(t *testing.T) {
@@ -231,7 +282,8 @@ func TestIngressRefusals(t *testing.T) {
 	}
 	for _, c := range []struct{ name, gw, vs, reason, msg string }{
 		{"protocol", gwWith("  - port: {number: 80, protocol: MONGO}\n    hosts: ['*']\n"), "", ReasonUnsupported, `protocol "MONGO"`},
-		{"mutual", gwWith("  - port: {number: 443, protocol: HTTPS}\n    hosts: ['*']\n    tls: {mode: MUTUAL, credentialName: c}\n"), "", ReasonUnsupported, "MUTUAL"},
+		{"istio mutual", gwWith("  - port: {number: 443, protocol: HTTPS}\n    hosts: ['*']\n    tls: {mode: ISTIO_MUTUAL}\n"), "", ReasonUnsupported, "ISTIO_MUTUAL"},
+		{"mutual without credential", gwWith("  - port: {number: 443, protocol: HTTPS}\n    hosts: ['*']\n    tls: {mode: MUTUAL}\n"), "", ReasonInvalid, "credentialName: required for mode MUTUAL"},
 		{"no credential", gwWith("  - port: {number: 443, protocol: HTTPS}\n    hosts: ['*']\n    tls: {mode: SIMPLE}\n"), "", ReasonInvalid, "credentialName: required"},
 		{"file certificate", gwWith("  - port: {number: 443, protocol: HTTPS}\n    hosts: ['*']\n    tls: {mode: SIMPLE, serverCertificate: /etc/c.pem}\n"), "", ReasonUnsupported, "file certificates"},
 		{"port clash", gwWith("  - port: {number: 80, protocol: HTTP}\n    hosts: ['*']\n  - port: {number: 80, protocol: TCP}\n    hosts: ['*']\n"), "", ReasonConflict, "port 80"},

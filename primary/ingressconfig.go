@@ -3,6 +3,7 @@ package primary
 import (
 	"cmp"
 	"context"
+	"crypto/x509"
 	"fmt"
 	"log/slog"
 	"slices"
@@ -23,6 +24,10 @@ import (
 
 // resGateways is the Gateway resource of networking.istio.io/v1.
 const resGateways = "gateways"
+
+// CACertKey is the key of a credential Secret's client CA (Istio's ca.crt), which MUTUAL
+// Gateway servers verify clients against.
+const CACertKey = "ca.crt"
 
 // ingressConfigWatcher reads Gateways (once their CRD exists) and the kubernetes.io/tls
 // Secrets of the system namespace — the only namespace a router may run in, so the only
@@ -92,8 +97,16 @@ func (w *ingressConfigWatcher) run(ctx context.Context) error {
 					}
 					continue
 				}
+				ca := s.Data[CACertKey]
+				if len(ca) > 0 && !x509.NewCertPool().AppendCertsFromPEM(ca) {
+					if bad[k] != s.ResourceVersion {
+						w.log.Warn("ingress config: Secret's ca.crt holds no PEM certificate; MUTUAL servers naming it wait", "secret", k)
+						bad[k] = s.ResourceVersion
+					}
+					ca = nil
+				}
 				c.Credentials[k] = GatewayCredential{Namespace: s.Namespace, Name: s.Name, ResourceVersion: s.ResourceVersion,
-					CertChain: s.Data[corev1.TLSCertKey], Key: s.Data[corev1.TLSPrivateKeyKey]}
+					CertChain: s.Data[corev1.TLSCertKey], Key: s.Data[corev1.TLSPrivateKeyKey], CACert: ca}
 			}
 			w.reg.SetIngressConfig(c)
 		}

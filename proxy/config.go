@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"net/netip"
 	"regexp"
@@ -37,8 +38,11 @@ type Chain struct {
 	ServerNames []string // empty: any name (or none)
 	Terminate   bool     // TLS terminated here with Secret
 	Secret      string   // SDS name of the certificate
-	Route       string   // RDS name; "" for TCP chains
-	TCPCluster  string
+	// ClientCA, when set, is the SDS name of the validation context that client
+	// certificates must chain to (Istio's MUTUAL): a client without one is refused.
+	ClientCA   string
+	Route      string // RDS name; "" for TCP chains
+	TCPCluster string
 	// HTTP limits from the connection manager.
 	HeadersTimeout, IdleTimeout time.Duration
 	MaxHeaderBytes              int
@@ -145,9 +149,22 @@ func translateChain(f string, fc *listener.FilterChain, inspected bool) (*Chain,
 			return nil, errAt(f, "transport_socket: want a DownstreamTlsContext: %v", err)
 		}
 		cc := d.GetCommonTlsContext()
-		if d.GetRequireClientCertificate().GetValue() || cc.GetValidationContextType() != nil || len(cc.GetTlsCertificates()) > 0 ||
-			len(cc.GetTlsCertificateSdsSecretConfigs()) != 1 || cc.GetTlsCertificateProviderInstance() != nil {
-			return nil, errAt(f, "transport_socket: only one SDS server certificate is implemented (no client certificates, no inline certificates)")
+		if len(cc.GetTlsCertificates()) > 0 || len(cc.GetTlsCertificateSdsSecretConfigs()) != 1 || cc.GetTlsCertificateProviderInstance() != nil {
+			return nil, errAt(f, "transport_socket: only one SDS server certificate is implemented (no inline certificates)")
+		}
+		if vc := cc.GetValidationContextType(); vc != nil || d.GetRequireClientCertificate().GetValue() {
+			// Client certificates: required, and verified against a CA delivered over SDS
+			// (a combined validation context with an empty default), as Istio's MUTUAL.
+			comb := cc.GetCombinedValidationContext()
+			vsds := comb.GetValidationContextSdsSecretConfig()
+			if !d.GetRequireClientCertificate().GetValue() || comb == nil || vsds.GetName() == "" ||
+				(comb.GetDefaultValidationContext() != nil && !proto.Equal(comb.GetDefaultValidationContext(), &tlsv3.CertificateValidationContext{})) {
+				return nil, errAt(f, "transport_socket: client certificates are implemented only as required and verified against an SDS validation context (combined_validation_context with an empty default)")
+			}
+			if vsds.GetSdsConfig().GetAds() == nil {
+				return nil, errAt(f, "transport_socket: SDS validation context %s must come over ADS", vsds.GetName())
+			}
+			c.ClientCA = vsds.GetName()
 		}
 		sds := cc.GetTlsCertificateSdsSecretConfigs()[0]
 		if sds.GetSdsConfig().GetAds() == nil {
@@ -200,6 +217,25 @@ func translateChain(f string, fc *listener.FilterChain, inspected bool) (*Chain,
 		return nil, errAt(f, "filters[0] %s is not implemented", filter.GetName())
 	}
 	return c, nil
+}
+
+// TranslateValidationContext translates an SDS validation-context secret: the CA pool
+// client certificates must chain to.
+func TranslateValidationContext(s *tlsv3.Secret) (*x509.CertPool, error) {
+	f := "secret " + s.GetName()
+	vc := s.GetValidationContext()
+	ca := vc.GetTrustedCa().GetInlineBytes()
+	if vc == nil || ca == nil {
+		return nil, errAt(f, "only validation_context with an inline_bytes trusted_ca is implemented")
+	}
+	if len(vc.GetMatchTypedSubjectAltNames()) > 0 || len(vc.GetVerifyCertificateHash()) > 0 || len(vc.GetVerifyCertificateSpki()) > 0 || vc.GetCrl() != nil {
+		return nil, errAt(f, "validation_context: subject alt names, pins and CRLs are not implemented")
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(ca) {
+		return nil, errAt(f, "validation_context.trusted_ca holds no PEM certificate")
+	}
+	return pool, nil
 }
 
 // TranslateRoutes translates a route configuration.

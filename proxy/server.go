@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -33,6 +34,8 @@ type Snapshot struct {
 	Clusters  map[string]*Cluster
 	Endpoints map[string][]netip.AddrPort
 	Secrets   map[string]*tls.Certificate
+	// ClientCAs are the SDS validation contexts (client CA pools) by name.
+	ClientCAs map[string]*x509.CertPool
 }
 
 // Options configure a Proxy.
@@ -301,6 +304,15 @@ func (ps *portServer) handle(nc net.Conn) {
 		return
 	}
 	cfg := &tls.Config{Certificates: []tls.Certificate{*cert}, NextProtos: []string{"h2", "http/1.1"}, MinVersion: tls.VersionTLS12}
+	if ch.ClientCA != "" {
+		pool := s.ClientCAs[ch.ClientCA]
+		if pool == nil { // the validation context has not arrived: refuse, as Envoy's chain waits
+			ps.p.m.refusals.WithLabelValues(RefuseNoCert).Inc()
+			c.Close()
+			return
+		}
+		cfg.ClientAuth, cfg.ClientCAs = tls.RequireAndVerifyClientCert, pool
+	}
 	ps.tls.deliver(tls.Server(&replayConn{Conn: c, r: io.MultiReader(bytes.NewReader(raw), c)}, cfg))
 }
 

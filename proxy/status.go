@@ -63,6 +63,9 @@ func (p *Proxy) Status() Status {
 	for name := range s.Secrets {
 		st.Secrets = append(st.Secrets, name)
 	}
+	for name := range s.ClientCAs {
+		st.Secrets = append(st.Secrets, name)
+	}
 	slices.Sort(st.Routes)
 	slices.Sort(st.Clusters)
 	slices.Sort(st.Secrets)

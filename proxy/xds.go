@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"crypto/tls"
+	"crypto/x509"
 	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	endpoint "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
@@ -38,6 +39,7 @@ type state struct {
 	clusters  map[string]*Cluster
 	endpoints map[string][]netip.AddrPort
 	secrets   map[string]*tls.Certificate
+	clientCAs map[string]*x509.CertPool
 	sent      map[string][]string // subscribed names per type (RDS, EDS, SDS)
 	acked     map[string][2]string
 }
@@ -76,7 +78,7 @@ func (p *Proxy) stream(ctx context.Context, cfg XDSConfig) error {
 		return err
 	}
 	s := &state{listeners: map[string]*Listener{}, routes: map[string]*RouteTable{}, clusters: map[string]*Cluster{},
-		endpoints: map[string][]netip.AddrPort{}, secrets: map[string]*tls.Certificate{}, sent: map[string][]string{}, acked: map[string][2]string{}}
+		endpoints: map[string][]netip.AddrPort{}, secrets: map[string]*tls.Certificate{}, clientCAs: map[string]*x509.CertPool{}, sent: map[string][]string{}, acked: map[string][2]string{}}
 	first := true
 	nacked := map[string]string{} // the last refused version per type
 	send := func(typeURL string, names []string, ack [2]string, nack error) error {
@@ -148,7 +150,7 @@ func (p *Proxy) stream(ctx context.Context, cfg XDSConfig) error {
 			}
 		}
 		p.Apply(&Snapshot{Listeners: maps.Clone(s.listeners), Routes: maps.Clone(s.routes), Clusters: maps.Clone(s.clusters),
-			Endpoints: maps.Clone(s.endpoints), Secrets: maps.Clone(s.secrets)})
+			Endpoints: maps.Clone(s.endpoints), Secrets: maps.Clone(s.secrets), ClientCAs: maps.Clone(s.clientCAs)})
 	}
 }
 
@@ -171,6 +173,9 @@ func (s *state) secretNames() []string {
 		for _, c := range l.Chains {
 			if c.Secret != "" {
 				out = append(out, c.Secret)
+			}
+			if c.ClientCA != "" {
+				out = append(out, c.ClientCA)
 			}
 		}
 	}
@@ -241,11 +246,19 @@ func (s *state) accept(resp *discovery.DiscoveryResponse) error {
 		}
 		s.endpoints = next
 	case resource.SecretType:
-		next := map[string]*tls.Certificate{}
+		next, cas := map[string]*tls.Certificate{}, map[string]*x509.CertPool{}
 		for _, a := range resp.GetResources() {
 			var sec tlsv3.Secret
 			if err := a.UnmarshalTo(&sec); err != nil {
 				return err
+			}
+			if sec.GetValidationContext() != nil {
+				pool, err := TranslateValidationContext(&sec)
+				if err != nil {
+					return err
+				}
+				cas[sec.GetName()] = pool
+				continue
 			}
 			c, err := TranslateSecret(&sec)
 			if err != nil {
@@ -253,7 +266,7 @@ func (s *state) accept(resp *discovery.DiscoveryResponse) error {
 			}
 			next[sec.GetName()] = c
 		}
-		s.secrets = next
+		s.secrets, s.clientCAs = next, cas
 	default:
 		return fmt.Errorf("type %s is not implemented", t)
 	}

@@ -64,6 +64,9 @@ type IngressCheck struct {
 	Host string `json:"host,omitempty"`
 	// NoSNI connects to the ingress by address, so the ClientHello carries no server name.
 	NoSNI bool `json:"noSNI,omitempty"`
+	// ClientCert presents a client certificate from the runner's CA (the credential's
+	// ca.crt), for servers in MUTUAL mode.
+	ClientCert bool `json:"clientCert,omitempty"`
 	// HTTP2 speaks HTTP/2 (curl --http2; ALPN h2 over TLS, prior knowledge in plaintext).
 	HTTP2 bool `json:"http2,omitempty"`
 	// Calls is how many requests make the check; default 10.
@@ -161,6 +164,21 @@ func ingressObjects(config string) ([]any, error) {
 		}
 		objs = append(objs, gw)
 	}
+	// Applied in dependency order, so a primary never sees a VirtualService before the
+	// DestinationRule its subsets name (it would refuse it until then): DestinationRules,
+	// ServiceEntries, Gateways, then VirtualServices.
+	rank := func(o any) int {
+		switch o.(type) {
+		case *networkingv1.DestinationRule:
+			return 0
+		case *networkingv1.ServiceEntry:
+			return 1
+		case *networkingv1.Gateway:
+			return 2
+		}
+		return 3
+	}
+	slices.SortStableFunc(objs, func(a, b any) int { return rank(a) - rank(b) })
 	return objs, nil
 }
 
@@ -285,7 +303,9 @@ func (r *Run) ingressChecks(ctx context.Context, in *IngressSpec, caFile string,
 }
 
 // ingressCertificate writes a CA of the run's own and returns its file and a
-// kubernetes.io/tls Secret with a certificate for hosts signed by it.
+// kubernetes.io/tls Secret with a certificate for hosts signed by it, and the CA as its
+// ca.crt (the client CA of MUTUAL servers). A client certificate from the same CA goes
+// to client.pem and client-key.pem beside the CA file.
 func ingressCertificate(dir, name string, hosts []string) (string, *corev1.Secret, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return "", nil, err
@@ -319,13 +339,36 @@ func ingressCertificate(dir, name string, hosts []string) (string, *corev1.Secre
 		return "", nil, err
 	}
 	caFile := filepath.Join(dir, "ca.pem")
-	if err := os.WriteFile(caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER}), 0o600); err != nil {
+	caPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER})
+	if err := os.WriteFile(caFile, caPEM, 0o600); err != nil {
+		return "", nil, err
+	}
+	ckey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return "", nil, err
+	}
+	ctmpl := &x509.Certificate{SerialNumber: big.NewInt(3), Subject: pkix.Name{CommonName: "scenario external client"},
+		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(7 * 24 * time.Hour), KeyUsage: x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}
+	cder, err := x509.CreateCertificate(rand.Reader, ctmpl, ca, &ckey.PublicKey, caKey)
+	if err != nil {
+		return "", nil, err
+	}
+	ckd, err := x509.MarshalPKCS8PrivateKey(ckey)
+	if err != nil {
+		return "", nil, err
+	}
+	if err := os.WriteFile(filepath.Join(dir, "client.pem"), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cder}), 0o600); err != nil {
+		return "", nil, err
+	}
+	if err := os.WriteFile(filepath.Join(dir, "client-key.pem"), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: ckd}), 0o600); err != nil {
 		return "", nil, err
 	}
 	s := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: SystemNamespace}, Type: corev1.SecretTypeTLS,
 		Data: map[string][]byte{
 			corev1.TLSCertKey:       pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
 			corev1.TLSPrivateKeyKey: pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kd}),
+			"ca.crt":                caPEM,
 		}}
 	return caFile, s, nil
 }
@@ -360,6 +403,10 @@ func curl(ctx context.Context, ext []string, ingress netip.Addr, caFile string, 
 	}
 	if ch.Host != "" {
 		args = append(args, "-H", "Host: "+ch.Host)
+	}
+	if ch.ClientCert {
+		dir := filepath.Dir(caFile)
+		args = append(args, "--cert", filepath.Join(dir, "client.pem"), "--key", filepath.Join(dir, "client-key.pem"))
 	}
 	if ch.HTTP2 {
 		if scheme == "https" {

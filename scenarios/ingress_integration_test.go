@@ -20,7 +20,8 @@ import (
 // then curl from a namespace outside every mesh network through `isthmus proxy --mode
 // ingress` — HTTPS by SNI with the certificate of the Gateway's credentialName Secret,
 // /v1 to cluster-1's pods, /v2 across network-2's east-west gateway, HTTP/2, 404s, the
-// HTTP→HTTPS redirect, and refused handshakes, each counted in the proxy's metrics. The
+// HTTP→HTTPS redirect, MUTUAL with and without a client certificate, and refused
+// handshakes, each counted in the proxy's metrics. The
 // backends see the ingress's own SPIFFE identity (mTLS from the ingress to the pod). A
 // wrong expectation then fails with its reason.
 func TestIngress(t *testing.T) {
@@ -56,7 +57,8 @@ func TestIngress(t *testing.T) {
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
 	for _, want := range []string{`isthmus_proxy_refused_total{reason="no_sni"}`, `isthmus_proxy_refused_total{reason="unknown_sni"}`,
-		`isthmus_proxy_refused_total{reason="no_route"}`, `isthmus_proxy_refused_total{reason="unknown_host"}`} {
+		`isthmus_proxy_refused_total{reason="no_route"}`, `isthmus_proxy_refused_total{reason="unknown_host"}`,
+		`isthmus_proxy_refused_total{reason="bad_tls"}`} { // bad_tls: the MUTUAL handshakes without a client certificate
 		m := regexp.MustCompile(regexp.QuoteMeta(want) + ` (\d+)`).FindSubmatch(body)
 		if m == nil {
 			t.Errorf("metric %s missing", want)

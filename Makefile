@@ -3,7 +3,7 @@ GO ?= go
 FUZZTIME ?= 20000x
 PKGS := ./...
 
-.PHONY: test check unit integration fuzz up down binaries peers bench bench-peers bench-istiod bench-federation bench-scale bench-csr
+.PHONY: test check unit integration fuzz up down binaries peers bench bench-peers bench-ingress bench-istiod bench-federation bench-scale bench-csr
 
 ## test: formatting, vet, unit and integration tests (with -race) and bounded fuzzing
 test: check binaries peers
@@ -65,6 +65,11 @@ bench:
 ## (root). ARGS="-rounds 3 -duration 2s" shortens it.
 bench-peers:
 	$(GO) run ./internal/peerbench/benchpeers $(ARGS)
+
+## bench-ingress: isthmus proxy's HTTP path beside nginx as a reverse proxy and a direct
+## call, HTTP/1.1 and HTTP/2, medians and ratios (docs/benchmarks.md, "Ingress").
+bench-ingress:
+	$(GO) run ./internal/peerbench/benchpeers -http $(ARGS)
 
 ## bench-istiod: the Isthmus primary against a real istiod, side by side (docs/benchmarks.md)
 bench-istiod: peers

@@ -15,6 +15,11 @@
 // eastwest.Gateway, the code `isthmus gateway` runs, with a static route table instead of
 // one learnt over xDS.
 //
+// RunHTTP (http.go) does the same for the ingress data plane: `isthmus proxy`'s HTTP path
+// (proxy.Proxy, re-executed like the gateway) beside nginx as a reverse proxy and a
+// direct call, HTTP/1.1 keep-alive and HTTP/2, requests per second, latency and requests
+// per relay CPU second.
+//
 // Imported by internal/peerbench/benchpeers (`make bench-peers`) and this package's test,
 // which runs a short round in CI so that the harness cannot rot.
 package peerbench

@@ -69,3 +69,32 @@ func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimRight(string(p), "\n"))
 	return len(p), nil
 }
+
+// TestHTTPShortRound runs the HTTP comparison for one short round, so that it cannot rot:
+// every relay must answer every request with the backend's body over HTTP/1.1 and
+// HTTP/2, and the relays' CPU must have been read from their processes. The figures
+// themselves are not judged: CI's machine is shared.
+func TestHTTPShortRound(t *testing.T) {
+	if testing.Short() {
+		t.Skip("integration test: starts nginx and isthmus proxy and drives them for ~6 s; runs without -short")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	if err := peerbench.Ensure(ctx, testWriter{t}); err != nil {
+		t.Skipf("peers unavailable: %v", err)
+	}
+	res, err := peerbench.RunHTTP(ctx, peerbench.HTTPConfig{Rounds: 1, Duration: time.Second, Conns: 8, Progress: testWriter{t}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("\n%s", res.HTTPTable())
+	for _, relay := range res.Relays {
+		for _, m := range peerbench.HTTPMetrics {
+			v := res.Values[relay][m]
+			perCore := m == peerbench.MH1PerCore || m == peerbench.MH2PerCore
+			if len(v) != 1 || (v[0] <= 0 && !(perCore && relay == peerbench.Direct)) {
+				t.Errorf("%s %q = %v, want one value > 0", relay, m, v)
+			}
+		}
+	}
+}

@@ -239,9 +239,16 @@ const ProfileEnv = "ISTHMUS_PEERBENCH_CPUPROFILE"
 
 // ServeGatewayIfChild serves the gateway and exits when this process was started by Run
 // as its Isthmus relay; otherwise it returns at once. Call it first thing in main or
-// TestMain. The child is eastwest.Gateway with the defaults of `isthmus gateway` and a
+// TestMain. RunHTTP's isthmus relay is served the same way (serveIngress). The child is eastwest.Gateway with the defaults of `isthmus gateway` and a
 // static table, listening where Run says, until SIGTERM.
 func ServeGatewayIfChild() {
+	if spec, ok := os.LookupEnv(ingressEnv); ok { // RunHTTP's isthmus proxy relay
+		if err := serveIngress(spec); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
 	spec, ok := os.LookupEnv(gatewayEnv)
 	if !ok {
 		return

@@ -18,6 +18,8 @@ func main() {
 	peerbench.ServeGatewayIfChild()
 	var cfg peerbench.Config
 	var relays, output, phases string
+	var httpMode bool
+	var conns int
 	flag.IntVar(&cfg.Rounds, "rounds", 5, "interleaved rounds; figures are medians over them")
 	flag.DurationVar(&cfg.Duration, "duration", 3*time.Second, "length of each timed phase per relay")
 	flag.IntVar(&cfg.IdleConns, "idle", 1000, "idle connections held in the memory phase")
@@ -26,6 +28,8 @@ func main() {
 	flag.StringVar(&phases, "phases", "", "comma-separated phases to run (throughput, latency, pinned, connect, idle); default all")
 	flag.BoolVar(&cfg.Syscalls, "syscalls", false, "end with strace'd phases counting system calls per connection and per round trip")
 	flag.StringVar(&output, "o", "table", "table or json")
+	flag.BoolVar(&httpMode, "http", false, "compare isthmus proxy's HTTP path with nginx as a reverse proxy and a direct call instead (HTTP/1.1 keep-alive and HTTP/2)")
+	flag.IntVar(&conns, "conns", 16, "with -http: HTTP/1.1 connections, and HTTP/2 streams on one connection")
 	flag.Parse()
 	cfg.Relays = strings.Split(relays, ",")
 	if phases != "" {
@@ -39,6 +43,22 @@ func main() {
 		os.Exit(1)
 	}
 	start := time.Now()
+	if httpMode {
+		res, err := peerbench.RunHTTP(ctx, peerbench.HTTPConfig{Rounds: cfg.Rounds, Duration: cfg.Duration, Conns: conns, Progress: os.Stderr})
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		if output == "json" {
+			e := json.NewEncoder(os.Stdout)
+			e.SetIndent("", "  ")
+			e.Encode(res)
+			return
+		}
+		fmt.Printf("%s, %d rounds of %v per phase per relay, %d connections/streams, in %v; %v\n\n%s", start.UTC().Format(time.DateOnly), cfg.Rounds,
+			cfg.Duration, conns, time.Since(start).Round(time.Second), res.Versions, res.HTTPTable())
+		return
+	}
 	res, err := peerbench.Run(ctx, cfg)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)

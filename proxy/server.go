@@ -475,8 +475,11 @@ func (h *handler) serve(s *Snapshot, l *Listener, w http.ResponseWriter, r *http
 			pr.Out.Host = r.Host
 			pr.SetXForwarded()
 		},
-		Transport:     rt2,
-		FlushInterval: -1, // stream (gRPC)
+		Transport: rt2,
+		// No flush interval: ReverseProxy flushes at once by itself when the answer streams
+		// (no Content-Length, as gRPC, or text/event-stream); a sized answer goes out in one
+		// write instead of headers and body apart.
+		FlushInterval: 0,
 		ErrorHandler: func(w http.ResponseWriter, _ *http.Request, err error) {
 			h.ps.p.m.upstreams.WithLabelValues(cluster).Inc()
 			h.ps.p.opt.Log.Debug("upstream", "cluster", cluster, "endpoint", ep, "err", err)

@@ -31,6 +31,8 @@ const (
 	PrimaryName           = "isthmus-primary"
 	PrimaryServiceName    = "istiod"
 	GatewayName           = "istio-eastwestgateway"
+	IngressName           = "istio-ingressgateway"
+	IngressAccount        = "istio-ingressgateway-service-account"
 	RootCertConfigMap     = "istio-ca-root-cert"
 	ConfigCredentialName  = "isthmus-config-cluster"
 	LabelInstall          = "isthmus.io/install"
@@ -72,6 +74,9 @@ func Render(v Values) ([]*unstructured.Unstructured, error) {
 	}
 	if *v.Gateway.Enabled {
 		r.gateway()
+	}
+	if v.Ingress.Enabled {
+		r.ingress()
 	}
 	r.remoteSecrets()
 	if r.err != nil {
@@ -329,6 +334,53 @@ func (r *renderer) gateway() {
 	r.add(&corev1.Service{TypeMeta: typeMeta("v1", "Service"),
 		ObjectMeta: r.meta(GatewayName, true, map[string]string{"app": GatewayName, label.TopologyNetwork.Name: v.Network}),
 		Spec:       corev1.ServiceSpec{Type: v.Gateway.ServiceType, Selector: selector, Ports: svcPorts}})
+}
+
+// ingress renders the ingress gateway: an identity that may request its own token (its
+// credential to the control plane and the CA) and read the trust bundle store, a
+// Deployment of `isthmus proxy --mode ingress` with the pod labels Gateway selectors
+// match, and a Service of the Gateway ports. The proxy runs as non-root with no
+// capabilities; the pod's net.ipv4.ip_unprivileged_port_start=0 (a safe sysctl) lets it
+// open the ports Gateways name (80, 443), as Istio's gateways do.
+func (r *renderer) ingress() {
+	v := r.v
+	r.add(&corev1.ServiceAccount{TypeMeta: typeMeta("v1", "ServiceAccount"), ObjectMeta: r.meta(IngressAccount, true, nil)})
+	r.role(IngressName, IngressAccount, []rbacv1.PolicyRule{
+		{APIGroups: []string{""}, Resources: []string{"serviceaccounts/token"}, ResourceNames: []string{IngressAccount}, Verbs: []string{"create"}},
+		{APIGroups: []string{""}, Resources: []string{"configmaps"}, ResourceNames: []string{trust.BundleConfigMap}, Verbs: []string{"get", "list", "watch"}},
+	})
+	r.rootCert()
+	xds := PrimaryServiceName + "." + v.Namespace + ".svc:" + strconv.Itoa(PortControlPlane)
+	if v.Role == RoleRemote {
+		xds = v.ControlPlane.Address
+	}
+	args := []string{"proxy", "--mode", "ingress", "--network", v.Network, "--cluster-id", v.ClusterID, "--name", "$(POD_NAME)",
+		"--label", "istio=ingressgateway", "--http-address", ":" + strconv.Itoa(PortGatewayAdmin),
+		"--xds-address", xds, "--xds-server-name", PrimaryServiceName + "." + v.Namespace + ".svc",
+		"--xds-root-cert", "/etc/istio/root/" + trust.RootCertFile, "--service-account", v.Namespace + "/" + IngressAccount}
+	ports := []corev1.ContainerPort{{Name: "http-status", ContainerPort: PortGatewayAdmin, Protocol: corev1.ProtocolTCP}}
+	var svcPorts []corev1.ServicePort
+	for _, p := range v.Ingress.Ports {
+		name := "port-" + strconv.Itoa(int(p))
+		ports = append(ports, corev1.ContainerPort{Name: name, ContainerPort: p, Protocol: corev1.ProtocolTCP})
+		svcPorts = append(svcPorts, corev1.ServicePort{Name: name, Port: p, TargetPort: intstr.FromInt32(p), Protocol: corev1.ProtocolTCP})
+	}
+	selector := map[string]string{"app": IngressName}
+	podLabels := map[string]string{"app": IngressName, "istio": "ingressgateway", label.TopologyNetwork.Name: v.Network}
+	d := r.deployment(IngressName, selector, v.Ingress.Replicas, corev1.Container{
+		Name: "ingress", Args: args, Ports: ports, ReadinessProbe: httpProbe(PortGatewayAdmin),
+		Env: []corev1.EnvVar{{Name: "POD_NAME", ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: "metadata.name"}}}},
+		VolumeMounts: []corev1.VolumeMount{{Name: "root", MountPath: "/etc/istio/root", ReadOnly: true}},
+		Resources: corev1.ResourceRequirements{Requests: corev1.ResourceList{
+			corev1.ResourceCPU: mustQuantity("100m"), corev1.ResourceMemory: mustQuantity("64Mi")}},
+	}, []corev1.Volume{{Name: "root", VolumeSource: corev1.VolumeSource{ConfigMap: &corev1.ConfigMapVolumeSource{
+		LocalObjectReference: corev1.LocalObjectReference{Name: RootCertConfigMap}}}}}, podLabels)
+	d.Spec.Template.Spec.ServiceAccountName = IngressAccount
+	d.Spec.Template.Spec.SecurityContext.Sysctls = []corev1.Sysctl{{Name: "net.ipv4.ip_unprivileged_port_start", Value: "0"}}
+	r.add(d)
+	r.add(&corev1.Service{TypeMeta: typeMeta("v1", "Service"),
+		ObjectMeta: r.meta(IngressName, true, map[string]string{"app": IngressName, "istio": "ingressgateway"}),
+		Spec:       corev1.ServiceSpec{Type: v.Ingress.ServiceType, Selector: selector, Ports: svcPorts}})
 }
 
 // remoteSecrets renders the given remote secrets into the namespace, data merged from

@@ -112,12 +112,15 @@ func goldenCases(t testing.TB) map[string]Values {
 	}
 	mnPrimary := withRemote(base(ModelMultiNetwork, RolePrimary, "cluster-1", "network-1"), "cluster-2")
 	mnPrimary.Primary.Gateways = []string{"network-2=192.0.2.40:31443"}
+	withIngress := withRemote(base(ModelMultiNetwork, RolePrimary, "cluster-1", "network-1"), "cluster-2")
+	withIngress.Ingress.Enabled = true
 	ext := base(ModelExternalControlPlane, RolePrimary, "cp-host", "")
 	ext.ConfigCredential = configCredential("cluster-1")
 	return map[string]Values{
 		"single-cluster-primary":         base(ModelSingleCluster, RolePrimary, "cluster-1", ""),
 		"multi-primary-primary":          withRemote(base(ModelMultiPrimary, RolePrimary, "cluster-1", ""), "cluster-2"),
 		"multi-network-primary":          mnPrimary,
+		"multi-network-primary-ingress":  withIngress,
 		"multi-network-gateway":          nodePort(cp(base(ModelMultiNetwork, RoleGateway, "cluster-3", "network-3"), "cluster-1", "192.0.2.20:15012")),
 		"primary-remote-primary":         withRemote(base(ModelPrimaryRemote, RolePrimary, "cluster-1", "network-1"), "cluster-2"),
 		"primary-remote-remote":          cp(base(ModelPrimaryRemote, RoleRemote, "cluster-2", "network-2"), "cluster-1", "192.0.2.20:15012"),
@@ -299,6 +302,9 @@ func TestRenderRefusesBadValues(t *testing.T) {
 		{"gateways on one network", mod("single-cluster-primary", func(v *Values) { v.Primary.Gateways = []string{"n2=192.0.2.1:15443"} }), "primary.gateways: only a primary of a multi-network model"},
 		{"service type", mod("multi-network-primary", func(v *Values) { v.Gateway.ServiceType = "ClusterIP" }), `gateway.serviceType: "ClusterIP"`},
 		{"node port without NodePort", mod("multi-network-primary", func(v *Values) { v.Gateway.NodePort = 30000 }), "gateway.nodePort: 30000 needs serviceType NodePort"},
+		{"ingress on a config cluster", mod("external-control-plane-config", func(v *Values) { v.Ingress.Enabled = true }), "ingress.enabled: role config runs no workloads"},
+		{"ingress without network", mod("multi-primary-primary", func(v *Values) { v.Ingress.Enabled = true }), "ingress.enabled: needs network"},
+		{"ingress port", mod("multi-network-primary", func(v *Values) { v.Ingress.Enabled, v.Ingress.Ports = true, []int32{443, 443} }), "ingress.ports[1]: 443"},
 		{"remote without address", mod("primary-remote-remote", func(v *Values) { v.ControlPlane.Address = "" }), "controlPlane.address: required by role remote"},
 		{"bad address", mod("primary-remote-remote", func(v *Values) { v.ControlPlane.Address = "istiod:15012" }), `controlPlane.address: "istiod:15012": want IP:PORT`},
 		{"remote without cluster", mod("primary-remote-remote", func(v *Values) { v.ControlPlane.Cluster = "" }), "controlPlane.cluster: required by role remote"},

@@ -100,6 +100,9 @@ type Values struct {
 	Primary PrimaryValues `json:"primary,omitempty"`
 	// Gateway configures the east-west gateway.
 	Gateway GatewayValues `json:"gateway,omitempty"`
+	// Ingress configures the ingress gateway (`isthmus proxy --mode ingress`); off unless
+	// enabled.
+	Ingress IngressValues `json:"ingress,omitempty"`
 	// ControlPlane says where this cluster's control plane is when it does not run here.
 	ControlPlane ControlPlaneValues `json:"controlPlane,omitempty"`
 
@@ -147,6 +150,21 @@ type GatewayValues struct {
 	// primary-remote and the config role of external-control-plane.
 	ForwardControlPlane *bool `json:"forwardControlPlane,omitempty"`
 	// Replicas of the gateway; default 1.
+	Replicas int32 `json:"replicas,omitempty"`
+}
+
+// IngressValues configures the ingress gateway: a Deployment of `isthmus proxy --mode
+// ingress` labelled istio=ingressgateway (what Gateway selectors match) and its Service.
+type IngressValues struct {
+	// Enabled renders the ingress; default false. The primary and remote roles only, and
+	// the cluster's network must be set (the ingress's node names it).
+	Enabled bool `json:"enabled,omitempty"`
+	// ServiceType of the ingress's Service: LoadBalancer (default) or NodePort.
+	ServiceType corev1.ServiceType `json:"serviceType,omitempty"`
+	// Ports are the Gateway server ports the Service exposes (each the same number in
+	// the pod); default 80 and 443.
+	Ports []int32 `json:"ports,omitempty"`
+	// Replicas of the ingress; default 1.
 	Replicas int32 `json:"replicas,omitempty"`
 }
 
@@ -206,6 +224,15 @@ func (v Values) withDefaults() Values {
 	}
 	if v.Gateway.Replicas == 0 {
 		v.Gateway.Replicas = 1
+	}
+	if v.Ingress.ServiceType == "" {
+		v.Ingress.ServiceType = corev1.ServiceTypeLoadBalancer
+	}
+	if len(v.Ingress.Ports) == 0 {
+		v.Ingress.Ports = []int32{80, 443}
+	}
+	if v.Ingress.Replicas == 0 {
+		v.Ingress.Replicas = 1
 	}
 	return v
 }
@@ -283,7 +310,38 @@ func (v Values) validate() error {
 	errs = append(errs, v.validateGateway(d)...)
 	errs = append(errs, v.validateControlPlane(d)...)
 	errs = append(errs, v.validateFiles(d)...)
+	errs = append(errs, v.validateIngress(d)...)
 	return errors.Join(errs...)
+}
+
+// validateIngress checks the ingress values (d has the defaults).
+func (v Values) validateIngress(d Values) []error {
+	if !v.Ingress.Enabled {
+		return nil
+	}
+	var errs []error
+	if v.Role != RolePrimary && v.Role != RoleRemote {
+		errs = append(errs, fmt.Errorf("ingress.enabled: role %s runs no workloads; enable the ingress on a primary or remote cluster", v.Role))
+	}
+	if v.Network == "" {
+		errs = append(errs, errors.New("ingress.enabled: needs network (the ingress's topology.istio.io/network)"))
+	}
+	switch d.Ingress.ServiceType {
+	case corev1.ServiceTypeLoadBalancer, corev1.ServiceTypeNodePort:
+	default:
+		errs = append(errs, fmt.Errorf("ingress.serviceType: %q: want LoadBalancer or NodePort", d.Ingress.ServiceType))
+	}
+	seen := map[int32]bool{}
+	for i, p := range d.Ingress.Ports {
+		if p < 1 || p > 65535 || p == PortGatewayAdmin || seen[p] {
+			errs = append(errs, fmt.Errorf("ingress.ports[%d]: %d is not a free port number (1-65535, not %d, once)", i, p, PortGatewayAdmin))
+		}
+		seen[p] = true
+	}
+	if d.Ingress.Replicas < 0 {
+		errs = append(errs, fmt.Errorf("ingress.replicas: %d is negative", d.Ingress.Replicas))
+	}
+	return errs
 }
 
 // validateGateway checks the gateway values (d has the defaults).

@@ -29,6 +29,8 @@ type installFlags struct {
 	v                                   deploy.Values
 	serviceType                         string
 	forwardControlPlane                 bool
+	ingress                             bool
+	ingressServiceType                  string
 }
 
 // values builds deploy.Values from the values file and the flags given on cmd, and reads
@@ -60,6 +62,8 @@ func (f *installFlags) values(cmd *cobra.Command) (deploy.Values, error) {
 		"gateway-service-type":  func() { v.Gateway.ServiceType = corev1.ServiceType(f.serviceType) },
 		"forward-control-plane": func() { v.Gateway.ForwardControlPlane = &f.forwardControlPlane },
 		"gateway":               func() { v.Primary.Gateways = f.v.Primary.Gateways },
+		"ingress":               func() { v.Ingress.Enabled = f.ingress },
+		"ingress-service-type":  func() { v.Ingress.ServiceType = corev1.ServiceType(f.ingressServiceType) },
 	} {
 		if set(flag) {
 			apply()
@@ -228,6 +232,8 @@ Models and roles:
 	fl.StringVar(&f.v.ControlPlane.Address, "control-plane-address", "", "remote, config and gateway roles: IP:PORT of the control plane's secure port as this cluster reaches it")
 	fl.StringVar(&f.serviceType, "gateway-service-type", "", "the east-west gateway's Service type: LoadBalancer (default) or NodePort")
 	fl.BoolVar(&f.forwardControlPlane, "forward-control-plane", false, "the gateway forwards 15012 to the control plane (default on for the primary of primary-remote and the config cluster)")
+	fl.BoolVar(&f.ingress, "ingress", false, "also install an ingress gateway (isthmus proxy --mode ingress, pods labelled istio=ingressgateway) on the primary or remote cluster; needs --network")
+	fl.StringVar(&f.ingressServiceType, "ingress-service-type", "", "the ingress gateway's Service type: LoadBalancer (default) or NodePort")
 	fl.StringArrayVar(&f.v.Primary.Gateways, "gateway", nil, "primary of a multi-network model: NETWORK=IP:PORT of another network's gateway it cannot discover (one behind a NodePort) (repeatable)")
 	fl.StringVar(&f.caDir, "ca-dir", "", "plug-in CA directory (isthmus trust intermediate): all four files for a primary, root-cert.pem for the other roles")
 	fl.StringArrayVar(&f.remoteSecrets, "remote-secret", nil, "file of remote secrets (isthmus remote-secret create) to install (repeatable)")

@@ -462,3 +462,56 @@ func TestEstablishReplay(t *testing.T) {
 		t.Fatalf("acceptor: %+v", p)
 	}
 }
+
+// TestEstablishGossipPortTaken: a dialer whose gossip pool cannot start (its port is
+// taken by another socket) records nothing and says so, and the same token works once
+// the port is free: no peering is left ESTABLISHING that blocks the retry, and the pool
+// is started then.
+func TestEstablishGossipPortTaken(t *testing.T) {
+	a := newTestMesh(t, "mesh-a", "a.example")
+	b := newTestMesh(t, "mesh-b", "b.example")
+	tok, err := a.ep.CreateToken("mesh-b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// b's pool starts at its first Establish: take its gossip port (UDP, as memberlist
+	// needs both) first.
+	squat, err := net.ListenPacket("udp", fmt.Sprintf("127.0.0.1:%d", b.gossip))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.ep.Establish(context.Background(), tok, ""); err == nil || !strings.Contains(err.Error(), "gossip") {
+		squat.Close()
+		t.Fatalf("establish with the gossip port taken: %v", err)
+	}
+	if ps := b.ep.Peerings(); len(ps) != 0 {
+		squat.Close()
+		t.Fatalf("dialer recorded %+v after a failed establish", ps)
+	}
+	squat.Close()
+	if _, err := b.ep.Establish(context.Background(), tok, ""); err != nil {
+		t.Fatalf("the same token once the port is free: %v", err)
+	}
+	b.waitState("mesh-a", StateActive, 20*time.Second)
+	a.waitState("mesh-b", StateActive, 20*time.Second)
+
+	// The acceptor's side: a token whose pool cannot start is not handed out and leaves
+	// no PENDING peering behind.
+	c := newTestMesh(t, "mesh-c", "c.example")
+	squat, err = net.ListenPacket("udp", fmt.Sprintf("127.0.0.1:%d", c.gossip))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.ep.CreateToken("mesh-b"); err == nil || !strings.Contains(err.Error(), "gossip") {
+		squat.Close()
+		t.Fatalf("token with the gossip port taken: %v", err)
+	}
+	if ps := c.ep.Peerings(); len(ps) != 0 {
+		squat.Close()
+		t.Fatalf("acceptor recorded %+v after a failed token", ps)
+	}
+	squat.Close()
+	if _, err := c.ep.CreateToken("mesh-b"); err != nil {
+		t.Fatalf("the same peer's token once the port is free: %v", err)
+	}
+}

@@ -5,8 +5,11 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
+	"math/rand/v2"
 	"net"
+	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -89,6 +92,58 @@ func freePort(t testing.TB) int {
 	return l.Addr().(*net.TCPAddr).Port
 }
 
+// gossipPorts are the ports freeGossipPort handed out in this process; guarded by
+// gossipPortsMu.
+var (
+	gossipPortsMu sync.Mutex
+	gossipPorts   = map[int]bool{}
+)
+
+// freeGossipPort returns a port free for both TCP and UDP on 127.0.0.1, below the
+// kernel's ephemeral range and not handed out before in this process. A mesh binds its
+// gossip port only at its first token or peering, long after this: a port of the
+// ephemeral range (freePort's) may by then be any socket's local port — an outgoing
+// connection of this or another test process, a DNS lookup — and the pool would not
+// start. Ports below the range are only ever taken by an explicit bind.
+func freeGossipPort(t testing.TB) int {
+	t.Helper()
+	low := 32768
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		if f := strings.Fields(string(b)); len(f) == 2 {
+			if n, err := strconv.Atoi(f[0]); err == nil {
+				low = n
+			}
+		}
+	}
+	const base = 10000
+	if low <= base+1000 {
+		return freePort(t) // an unusual range: no room below it
+	}
+	gossipPortsMu.Lock()
+	defer gossipPortsMu.Unlock()
+	for range 1000 {
+		port := base + rand.IntN(low-base)
+		if gossipPorts[port] {
+			continue
+		}
+		addr := fmt.Sprintf("127.0.0.1:%d", port)
+		l, err := net.Listen("tcp", addr)
+		if err != nil {
+			continue
+		}
+		u, err := net.ListenPacket("udp", addr)
+		l.Close()
+		if err != nil {
+			continue
+		}
+		u.Close()
+		gossipPorts[port] = true
+		return port
+	}
+	t.Fatal("no free gossip port below the ephemeral range")
+	return 0
+}
+
 func newTestMesh(t testing.TB, id mesh.MeshID, td mesh.TrustDomain) *testMesh {
 	t.Helper()
 	return newTestMeshStale(t, id, td, -1)
@@ -106,7 +161,7 @@ func newTestMeshStale(t testing.TB, id mesh.MeshID, td mesh.TrustDomain, stale t
 	if err != nil {
 		t.Fatal(err)
 	}
-	m := &testMesh{t: t, id: id, td: td, root: root, ca: ca, cert: cert, feed: NewMeshFeed(), addr: fmt.Sprintf("127.0.0.1:%d", freePort(t)), gossip: freePort(t),
+	m := &testMesh{t: t, id: id, td: td, root: root, ca: ca, cert: cert, feed: NewMeshFeed(), addr: fmt.Sprintf("127.0.0.1:%d", freePort(t)), gossip: freeGossipPort(t),
 		store: &MemoryStore{}, exports: NewStaticExports(nil), sink: &sink{}, stale: stale}
 	m.start()
 	t.Cleanup(m.kill)

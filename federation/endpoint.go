@@ -102,6 +102,9 @@ type Endpoint struct {
 	pool  *Pool
 	// bundles is the set last given to PeerBundles; guarded by mu.
 	bundles map[mesh.TrustDomain]string
+	// poolTried is when reconcile last tried to start a pool that was not running
+	// (its port taken, say); guarded by mu.
+	poolTried time.Time
 }
 
 // peerRuntime is what runs for one peering; guarded by Endpoint.mu.
@@ -355,6 +358,14 @@ func (e *Endpoint) reconcile(ctx context.Context) {
 	defer e.mu.Unlock()
 	now := e.cfg.Now()
 	changed := false
+	// A mesh in a federation whose pool did not start (Establish or CreateToken failed
+	// to bind it) tries again, at most once a second.
+	if e.pool == nil && e.state.FederationID != "" && time.Since(e.poolTried) >= time.Second {
+		e.poolTried = time.Now()
+		if err := e.startPoolLocked(); err != nil {
+			e.log.Warn("gossip pool did not start; retrying", "err", err)
+		}
+	}
 	for i := range e.state.Peerings {
 		p := &e.state.Peerings[i]
 		rt := e.rt[p.Name+"/"+p.ID]

@@ -5,8 +5,11 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
+	"math/rand/v2"
 	"net"
+	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -89,6 +92,58 @@ func freePort(t testing.TB) int {
 	return l.Addr().(*net.TCPAddr).Port
 }
 
+// gossipPorts are the ports freeGossipPort handed out in this process; guarded by
+// gossipPortsMu.
+var (
+	gossipPortsMu sync.Mutex
+	gossipPorts   = map[int]bool{}
+)
+
+// freeGossipPort returns a port free for both TCP and UDP on 127.0.0.1, below the
+// kernel's ephemeral range and not handed out before in this process. A mesh binds its
+// gossip port only at its first token or peering, long after this: a port of the
+// ephemeral range (freePort's) may by then be any socket's local port — an outgoing
+// connection of this or another test process, a DNS lookup — and the pool would not
+// start. Ports below the range are only ever taken by an explicit bind.
+func freeGossipPort(t testing.TB) int {
+	t.Helper()
+	low := 32768
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		if f := strings.Fields(string(b)); len(f) == 2 {
+			if n, err := strconv.Atoi(f[0]); err == nil {
+				low = n
+			}
+		}
+	}
+	const base = 10000
+	if low <= base+1000 {
+		return freePort(t) // an unusual range: no room below it
+	}
+	gossipPortsMu.Lock()
+	defer gossipPortsMu.Unlock()
+	for range 1000 {
+		port := base + rand.IntN(low-base)
+		if gossipPorts[port] {
+			continue
+		}
+		addr := fmt.Sprintf("127.0.0.1:%d", port)
+		l, err := net.Listen("tcp", addr)
+		if err != nil {
+			continue
+		}
+		u, err := net.ListenPacket("udp", addr)
+		l.Close()
+		if err != nil {
+			continue
+		}
+		u.Close()
+		gossipPorts[port] = true
+		return port
+	}
+	t.Fatal("no free gossip port below the ephemeral range")
+	return 0
+}
+
 func newTestMesh(t testing.TB, id mesh.MeshID, td mesh.TrustDomain) *testMesh {
 	t.Helper()
 	return newTestMeshStale(t, id, td, -1)
@@ -106,7 +161,7 @@ func newTestMeshStale(t testing.TB, id mesh.MeshID, td mesh.TrustDomain, stale t
 	if err != nil {
 		t.Fatal(err)
 	}
-	m := &testMesh{t: t, id: id, td: td, root: root, ca: ca, cert: cert, feed: NewMeshFeed(), addr: fmt.Sprintf("127.0.0.1:%d", freePort(t)), gossip: freePort(t),
+	m := &testMesh{t: t, id: id, td: td, root: root, ca: ca, cert: cert, feed: NewMeshFeed(), addr: fmt.Sprintf("127.0.0.1:%d", freePort(t)), gossip: freeGossipPort(t),
 		store: &MemoryStore{}, exports: NewStaticExports(nil), sink: &sink{}, stale: stale}
 	m.start()
 	t.Cleanup(m.kill)
@@ -460,5 +515,58 @@ func TestEstablishReplay(t *testing.T) {
 	}
 	if p, _ := a.ep.Peering("mesh-b"); p.State != StateEstablishing || p.PeerMesh != "mesh-b" {
 		t.Fatalf("acceptor: %+v", p)
+	}
+}
+
+// TestEstablishGossipPortTaken: a dialer whose gossip pool cannot start (its port is
+// taken by another socket) records nothing and says so, and the same token works once
+// the port is free: no peering is left ESTABLISHING that blocks the retry, and the pool
+// is started then.
+func TestEstablishGossipPortTaken(t *testing.T) {
+	a := newTestMesh(t, "mesh-a", "a.example")
+	b := newTestMesh(t, "mesh-b", "b.example")
+	tok, err := a.ep.CreateToken("mesh-b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// b's pool starts at its first Establish: take its gossip port (UDP, as memberlist
+	// needs both) first.
+	squat, err := net.ListenPacket("udp", fmt.Sprintf("127.0.0.1:%d", b.gossip))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.ep.Establish(context.Background(), tok, ""); err == nil || !strings.Contains(err.Error(), "gossip") {
+		squat.Close()
+		t.Fatalf("establish with the gossip port taken: %v", err)
+	}
+	if ps := b.ep.Peerings(); len(ps) != 0 {
+		squat.Close()
+		t.Fatalf("dialer recorded %+v after a failed establish", ps)
+	}
+	squat.Close()
+	if _, err := b.ep.Establish(context.Background(), tok, ""); err != nil {
+		t.Fatalf("the same token once the port is free: %v", err)
+	}
+	b.waitState("mesh-a", StateActive, 20*time.Second)
+	a.waitState("mesh-b", StateActive, 20*time.Second)
+
+	// The acceptor's side: a token whose pool cannot start is not handed out and leaves
+	// no PENDING peering behind.
+	c := newTestMesh(t, "mesh-c", "c.example")
+	squat, err = net.ListenPacket("udp", fmt.Sprintf("127.0.0.1:%d", c.gossip))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.ep.CreateToken("mesh-b"); err == nil || !strings.Contains(err.Error(), "gossip") {
+		squat.Close()
+		t.Fatalf("token with the gossip port taken: %v", err)
+	}
+	if ps := c.ep.Peerings(); len(ps) != 0 {
+		squat.Close()
+		t.Fatalf("acceptor recorded %+v after a failed token", ps)
+	}
+	squat.Close()
+	if _, err := c.ep.CreateToken("mesh-b"); err != nil {
+		t.Fatalf("the same peer's token once the port is free: %v", err)
 	}
 }

@@ -93,7 +93,13 @@ func (e *Endpoint) CreateToken(peer string) (string, error) {
 	}
 	if e.pool == nil {
 		if err := e.startPoolLocked(); err != nil {
-			return "", err
+			// Nothing is kept of a token that is not handed out: a PENDING peering left
+			// behind would refuse the next CreateToken for this peer.
+			e.state = old
+			if serr := e.saveLocked(); serr != nil {
+				e.log.Error("save federation state", "err", serr)
+			}
+			return "", fmt.Errorf("federation: token: gossip did not start (nothing recorded): %w", err)
 		}
 	}
 	return s, nil
@@ -269,20 +275,40 @@ func (e *Endpoint) establishAt(ctx context.Context, addr string, tok *Token, nam
 		oldPool.Close()
 	}
 	e.mu.Lock()
-	var perr error
 	if e.pool == nil {
-		perr = e.startPoolLocked() // joins resp.GossipAddrs, now in the state
+		if err := e.startPoolLocked(); err != nil { // joins resp.GossipAddrs, now in the state
+			// A peering without gossip would stay ESTABLISHING and refuse every new
+			// token for this peer ("delete it first"): take it back, with the federation
+			// it switched to. The acceptor's side stays ESTABLISHING, so the same token
+			// run again is answered again (its replay) and completes.
+			e.unrecordLocked(name, tok.ID, old, resp.FederationID)
+			e.mu.Unlock()
+			e.kick() // reconcile restarts the pool of the federation kept
+			return Peering{}, fmt.Errorf("federation: establish: gossip did not start (nothing recorded; run it again): %w", err)
+		}
 	} else {
 		pool := e.pool
 		go func() { _ = pool.Join(resp.GossipAddrs) }()
 	}
 	e.mu.Unlock()
 	e.kick()
-	if perr != nil {
-		return p, fmt.Errorf("federation: peering recorded, but gossip did not start: %w", perr)
-	}
 	p.PeerRootsPEM = ""
 	return p, nil
+}
+
+// unrecordLocked undoes the record of dialer peering name/id made by establishAt, whose
+// state before was old: the peering goes, and the federation it switched to (fid) goes
+// back to old's unless something else changed it meanwhile.
+func (e *Endpoint) unrecordLocked(name, id string, old *StoredState, fid string) {
+	e.state.Peerings = slices.DeleteFunc(e.state.Peerings, func(q Peering) bool {
+		return q.Name == name && q.ID == id && q.Role == RoleDialer
+	})
+	if e.state.FederationID == fid && old.FederationID != fid {
+		e.state.FederationID, e.state.FederationSecret = old.FederationID, old.FederationSecret
+	}
+	if err := e.saveLocked(); err != nil {
+		e.log.Error("save federation state", "err", err)
+	}
 }
 
 // checkNewPeerLocked refuses a second live peering of the same name, mesh or domain.

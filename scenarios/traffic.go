@@ -312,21 +312,44 @@ func applyIstio(ctx context.Context, ic istioclient.Interface, obj any) error {
 	return nil
 }
 
-// waitApplied polls a primary's /debug/configz until it lists n objects, all applied. A
-// refused object fails at once with the primary's reason.
+// refusalGrace is how long an object may stay refused before waitApplied gives up on it:
+// objects created together can reach a primary's watchers in either order, so a
+// VirtualService may be refused for a moment until the DestinationRule it names arrives.
+const refusalGrace = 5 * time.Second
+
+// waitApplied polls a primary's /debug/configz until it lists n objects, all applied. An
+// object still refused after refusalGrace fails the wait with the primary's reason.
 func waitApplied(ctx context.Context, httpAddr string, n int, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
+	var refusedSince time.Time
 	for {
 		var cz primary.ConfigzResponse
 		err := getJSON(ctx, "http://"+httpAddr+"/debug/configz", &cz)
 		if err == nil {
 			var applied []string
+			var refused error
 			for _, o := range cz.Objects {
 				if !o.Applied {
-					return fmt.Errorf("%s %s/%s refused: %s: %s", o.Kind, o.Namespace, o.Name, o.Reason, o.Message)
+					refused = fmt.Errorf("%s %s/%s refused: %s: %s", o.Kind, o.Namespace, o.Name, o.Reason, o.Message)
+					break
 				}
 				applied = append(applied, o.Kind+" "+o.Namespace+"/"+o.Name)
 			}
+			if refused != nil {
+				if refusedSince.IsZero() {
+					refusedSince = time.Now()
+				}
+				if time.Since(refusedSince) >= refusalGrace {
+					return refused
+				}
+				select {
+				case <-ctx.Done():
+					return ctx.Err()
+				case <-time.After(200 * time.Millisecond):
+				}
+				continue
+			}
+			refusedSince = time.Time{}
 			if len(applied) >= n {
 				return nil
 			}

@@ -514,6 +514,17 @@ func pickWeighted(cs []WeightedCluster) string {
 // transport returns an upstream round tripper: HTTP/2 (TLS with ALPN h2, or h2c) for
 // HTTP/2 requests, so gRPC and its trailers pass through; HTTP/1.1 otherwise.
 func (p *Proxy) transport(c *Cluster, h2 bool) (http.RoundTripper, error) {
+	kind := "h1"
+	if h2 {
+		kind = "h2"
+	}
+	if c.MTLS {
+		kind += "+mtls"
+	}
+	key := c.Name + "|" + c.SNI + "|" + kind
+	if v, ok := p.transports.Load(key); ok { // the common case: no allocation per request
+		return v.(http.RoundTripper), nil
+	}
 	var tc *tls.Config
 	if c.MTLS {
 		if p.opt.MeshTLS == nil {
@@ -541,7 +552,7 @@ func (p *Proxy) transport(c *Cluster, h2 bool) (http.RoundTripper, error) {
 			}
 			return tlsConn, nil
 		}
-		return p.cached(c, "h2", t), nil
+		return p.cached(key, t), nil
 	}
 	t := &http.Transport{DialContext: dial, TLSClientConfig: tc, MaxIdleConnsPerHost: 64, IdleConnTimeout: 90 * time.Second,
 		ResponseHeaderTimeout: 0, TLSHandshakeTimeout: 10 * time.Second}
@@ -549,13 +560,13 @@ func (p *Proxy) transport(c *Cluster, h2 bool) (http.RoundTripper, error) {
 		t.TLSClientConfig = tc.Clone()
 		t.TLSClientConfig.NextProtos = []string{"http/1.1"}
 	}
-	return p.cached(c, "h1", t), nil
+	return p.cached(key, t), nil
 }
 
-// cached returns the proxy's round tripper for the cluster, SNI and kind, storing rt
+// cached returns the proxy's round tripper under key (cluster, SNI and kind), storing rt
 // when there is none yet, so upstream connections are reused.
-func (p *Proxy) cached(c *Cluster, kind string, rt http.RoundTripper) http.RoundTripper {
-	v, _ := p.transports.LoadOrStore(c.Name+"|"+c.SNI+"|"+kind, rt)
+func (p *Proxy) cached(key string, rt http.RoundTripper) http.RoundTripper {
+	v, _ := p.transports.LoadOrStore(key, rt)
 	return v.(http.RoundTripper)
 }
 

@@ -389,7 +389,9 @@ func (p *Primary) push(ctx context.Context) {
 	// longer) move to their new view before the views are built (workload.go).
 	sp := p.builder.trafficPlanFor(v).sidecars
 	if old := p.sidecarPlan.Swap(sp); old.anySelectors() || sp.anySelectors() {
-		p.cache.rekey()
+		// Only a proxy on a selector view, or in a namespace with selector Sidecars, can
+		// have a new key.
+		p.cache.rekey(func(k ViewKey) bool { return k.Workload != "" || sp.hasSelectors(k.Namespace) })
 	}
 	p.mu.Lock()
 	p.pushes++

@@ -190,11 +190,11 @@ func TestViewCacheRekey(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if n := c.rekey(); n != 0 {
+	if n := c.rekey(func(ViewKey) bool { return true }); n != 0 {
 		t.Fatalf("rekey moved %d watches with unchanged keys", n)
 	}
 	workload = "narrow"
-	if n := c.rekey(); n != 1 || !slices.Contains(announced, moved) {
+	if n := c.rekey(func(ViewKey) bool { return true }); n != 1 || !slices.Contains(announced, moved) {
 		t.Fatalf("rekey moved %d, announced %v", n, announced)
 	}
 	if err := c.SetView(old, twoServices(t, 5)); err != nil {
@@ -225,7 +225,7 @@ func TestViewCacheRekey(t *testing.T) {
 	default:
 	}
 	workload = ""
-	if n := c.rekey(); n != 1 {
+	if n := c.rekey(func(ViewKey) bool { return true }); n != 1 {
 		t.Fatalf("moving back: rekey moved %d", n)
 	}
 	cancel()

@@ -398,14 +398,15 @@ func openWatch[W any](c *viewCache, node *core.Node, watches func(*viewState) ma
 // rekey moves every parked watch whose node now has another view key (its pod was
 // relabelled, a Sidecar with workloadSelector was created, changed or deleted) to that
 // view, announcing views never asked for before; the next SetView of the new view answers
-// it. Keys only change through keyOf's inputs, so without Sidecars with workloadSelector
-// nothing moves.
-func (c *viewCache) rekey() (moved int) {
+// it. Only the watches of views affected says may move are looked at (the others' keys
+// cannot have changed); keys only change through keyOf's inputs, so without Sidecars
+// with workloadSelector nothing moves.
+func (c *viewCache) rekey(affected func(ViewKey) bool) (moved int) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for id, at := range c.watchAt {
 		v := c.views[at]
-		if v == nil {
+		if v == nil || !affected(at) {
 			continue
 		}
 		var node *core.Node

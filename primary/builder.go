@@ -87,8 +87,9 @@ type serviceResources struct {
 // unchanged since the last Build of key reuse their resources (the same pointers, which
 // the view cache then does not marshal again).
 //
-// A Sidecar that applies to key's namespace leaves out the services its egress hosts do
-// not admit (sidecarscope.go), and the namespace's visibility signature picks its traffic
+// A Sidecar that applies to key's namespace (or, with key.Workload, the Sidecar with
+// workloadSelector it names) leaves out the services its egress hosts do not admit
+// (sidecarscope.go), and the namespace's visibility signature picks its traffic
 // plan (exportTo, exportto.go): keys that differ only by namespace and see the same
 // objects share one memo, which keeps the resources of services another namespace's view
 // left out; a service planned alike in the public plan reuses that plan's resources.
@@ -99,7 +100,7 @@ func (b *Builder) Build(v *View, key ViewKey) (Resources, error) {
 	plans := b.trafficPlansFor(v)
 	plan, sig := plans.forNamespace(key.Namespace)
 	memoKey := key
-	memoKey.Namespace = ""
+	memoKey.Namespace, memoKey.Workload = "", "" // scoping only filters memoised services
 	// With several plans, services planned alike in several of them are shared through
 	// b.shared: the newest resources of each service for this kind, network and locality.
 	var shared map[mesh.Hostname]*serviceResources
@@ -120,7 +121,7 @@ func (b *Builder) Build(v *View, key ViewKey) (Resources, error) {
 	old := b.memo[memoKey]
 	var admitted map[mesh.Hostname]bool // nil: every service
 	if key.Kind != ProxyGateway {
-		if sc := plan.sidecars.scopeFor(key.Namespace); sc != nil {
+		if sc := plan.sidecars.scopeForKey(key.Namespace, key.Workload); sc != nil {
 			admitted = sc.admitted(v, plan, key.Namespace)
 		}
 	}

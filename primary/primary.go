@@ -10,6 +10,7 @@ import (
 	"net"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -134,7 +135,9 @@ type Primary struct {
 	clusters *Clusters
 	cache    *viewCache
 	builder  *Builder // used by the pusher only (Builder is not safe for concurrent use)
-	metrics  *metrics
+	// sidecarPlan is the Sidecars of the last push, for workloadViewKey (workload.go).
+	sidecarPlan atomic.Pointer[sidecarPlan]
+	metrics     *metrics
 	// authMetrics count the secure port's decisions (auth.go).
 	authMetrics *authMetrics
 	config      *configState // traffic configuration status (configz.go)
@@ -186,6 +189,7 @@ func New(cfg Config) (*Primary, error) {
 	p.clusters = newClusters(p.reg, wc, cfg.KubeconfigPolicy)
 	p.entries = wc.Entries
 	p.cache = newViewCache(p.noteView)
+	p.cache.keyOf = p.workloadViewKey
 	p.builder = NewBuilder()
 	p.metrics, err = newMetrics(cfg.Metrics, p.clusters.Statuses)
 	if err != nil {
@@ -240,11 +244,14 @@ func (p *Primary) callbacks() server.Callbacks {
 			p.metrics.rejected.Inc()
 			return fmt.Errorf("primary: refusing xDS stream: %w", err)
 		}
+		if k, err := p.workloadViewKey(n); err == nil {
+			proxy.Workload = k.Workload // as of this request: relabelling moves it
+		}
 		p.mu.Lock()
 		if _, ok := p.streams[id]; !ok {
-			p.streams[id] = proxy
 			p.metrics.proxies.Inc()
 		}
+		p.streams[id] = proxy
 		p.mu.Unlock()
 		if nack {
 			p.metrics.nacks.WithLabelValues(typeURL).Inc()
@@ -377,6 +384,14 @@ func (p *Primary) push(ctx context.Context) {
 	v := p.reg.View()
 	for _, g := range p.cfg.Gateways {
 		v.Gateways[g.Network] = append(v.Gateways[g.Network], g)
+	}
+	// Watches whose proxy a Sidecar with workloadSelector now scopes differently (or no
+	// longer) move to their new view before the views are built (workload.go).
+	sp := p.builder.trafficPlanFor(v).sidecars
+	if old := p.sidecarPlan.Swap(sp); old.anySelectors() || sp.anySelectors() {
+		// Only a proxy on a selector view, or in a namespace with selector Sidecars, can
+		// have a new key.
+		p.cache.rekey(func(k ViewKey) bool { return k.Workload != "" || sp.hasSelectors(k.Namespace) })
 	}
 	p.mu.Lock()
 	p.pushes++

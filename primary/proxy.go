@@ -59,6 +59,9 @@ type Proxy struct {
 	// Peer is the address the stream came from: the proxy itself, or the gateway that
 	// forwarded it (secure port only).
 	Peer string `json:"peer,omitempty"`
+	// Workload is the Sidecar with workloadSelector that selects the proxy's pod (as the
+	// primary knows the pod, workload.go), as of the proxy's last request; empty for none.
+	Workload string `json:"workload,omitempty"`
 	// Labels are an ingress gateway's labels (canonicalLabels), which select the
 	// Gateways that apply to it; a claim, like ConfigNamespace.
 	Labels string `json:"labels,omitempty"`
@@ -80,13 +83,18 @@ type ViewKey struct {
 	// scopes its view (sidecarscope.go); empty for gateways, which no Sidecar scopes,
 	// and for nodes that name none.
 	Namespace string
+	// Workload is the name of the Sidecar with workloadSelector (of Namespace) that
+	// selects the proxy's pod, set only when one does (sidecarscope.go, workload.go): the
+	// proxies no such Sidecar selects keep sharing their namespace's view.
+	Workload string
 	// Labels are an ingress gateway's labels ("k=v,k=v", sorted), which select its
 	// Gateways; empty for every other kind.
 	Labels string
 }
 
 // String returns "kind/network", followed by "@region/zone/subzone" when the proxy has
-// a locality, "~namespace" when it has a namespace and "#labels" when it has labels.
+// a locality, "~namespace" when it has a namespace, ":workload" when a Sidecar with
+// workloadSelector scopes it and "#labels" when it has labels.
 func (k ViewKey) String() string {
 	s := string(k.Kind) + "/" + string(k.Network)
 	if k.Locality != (mesh.Locality{}) {
@@ -94,6 +102,9 @@ func (k ViewKey) String() string {
 	}
 	if k.Namespace != "" {
 		s += "~" + k.Namespace
+	}
+	if k.Workload != "" {
+		s += ":" + k.Workload
 	}
 	if k.Labels != "" {
 		s += "#" + k.Labels
@@ -105,13 +116,14 @@ func (k ViewKey) String() string {
 func ParseViewKey(s string) (ViewKey, error) {
 	s, lbls, _ := strings.Cut(s, "#")
 	s, ns, _ := strings.Cut(s, "~")
+	ns, workload, _ := strings.Cut(ns, ":") // neither namespace nor Sidecar names hold ':'
 	rest, loc, _ := strings.Cut(s, "@")
 	kind, network, _ := strings.Cut(rest, "/")
 	l, err := mesh.ParseLocality(loc)
 	if err != nil {
 		return ViewKey{}, fmt.Errorf("view %q: %w", s, err)
 	}
-	return ViewKey{Kind: ProxyKind(kind), Network: mesh.NetworkID(network), Locality: l, Namespace: ns, Labels: lbls}, nil
+	return ViewKey{Kind: ProxyKind(kind), Network: mesh.NetworkID(network), Locality: l, Namespace: ns, Workload: workload, Labels: lbls}, nil
 }
 
 // Key returns the proxy's view key. A gateway's carries no namespace: no Sidecar
@@ -120,6 +132,9 @@ func (p Proxy) Key() ViewKey {
 	k := ViewKey{Kind: p.Kind, Network: p.Network, Locality: p.Locality}
 	if p.Kind != ProxyGateway {
 		k.Namespace = p.ConfigNamespace
+	}
+	if p.Kind == ProxyGRPC || p.Kind == ProxySidecar {
+		k.Workload = p.Workload
 	}
 	if p.Kind == ProxyIngress {
 		k.Labels = p.Labels

@@ -2,6 +2,8 @@ package primary
 
 import (
 	"fmt"
+	"maps"
+	"slices"
 	"strings"
 
 	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
@@ -22,10 +24,77 @@ const resSidecars = "sidecars"
 const defaultRootNamespace = "istio-system"
 
 // sidecarPlan is what the applied Sidecars scope: the root namespace's Sidecar without
-// workloadSelector (the mesh default) and one per namespace. Nil scopes nothing.
+// workloadSelector (the mesh default), one per namespace, and the Sidecars with
+// workloadSelector of each namespace. Nil scopes nothing.
 type sidecarPlan struct {
 	root *sidecarScope
 	byNS map[string]*sidecarScope
+	// selectors are each namespace's applied Sidecars with workloadSelector, oldest
+	// first (byPrecedence), which is the order they are tried in for a pod.
+	selectors map[string][]*selectorSidecar
+}
+
+// selectorSidecar is one applied Sidecar with workloadSelector.
+type selectorSidecar struct {
+	name   string
+	labels map[string]string
+	// scope is nil when the Sidecar has no egress hosts: its pods inherit (the
+	// namespace's Sidecar, else the mesh default).
+	scope *sidecarScope
+}
+
+// selects reports whether a pod with labels podLabels carries every selector label.
+func (s *selectorSidecar) selects(podLabels map[string]string) bool {
+	for k, v := range s.labels {
+		if pv, ok := podLabels[k]; !ok || pv != v {
+			return false
+		}
+	}
+	return true
+}
+
+// anySelectors reports whether any namespace has an applied Sidecar with
+// workloadSelector; without one no view key has a Workload part.
+func (p *sidecarPlan) anySelectors() bool {
+	return p != nil && len(p.selectors) > 0
+}
+
+// hasSelectors reports whether namespace ns has an applied Sidecar with workloadSelector;
+// only then does a proxy's view key depend on its pod's labels.
+func (p *sidecarPlan) hasSelectors(ns string) bool {
+	return p != nil && ns != "" && len(p.selectors[ns]) > 0
+}
+
+// workloadFor returns the name of the Sidecar with workloadSelector that applies to a pod
+// of namespace ns with labels podLabels: the oldest that selects it (Istio leaves two
+// undefined; its code takes the first in this order). "" when none does.
+func (p *sidecarPlan) workloadFor(ns string, podLabels map[string]string) string {
+	if !p.hasSelectors(ns) {
+		return ""
+	}
+	for _, s := range p.selectors[ns] {
+		if s.selects(podLabels) {
+			return s.name
+		}
+	}
+	return ""
+}
+
+// scopeForKey returns the scope of a proxy in namespace ns that the Sidecar with
+// workloadSelector named workload applies to ("" for none): that Sidecar's, else (no
+// egress, or a Sidecar since deleted) the namespace's, else the mesh default.
+func (p *sidecarPlan) scopeForKey(ns, workload string) *sidecarScope {
+	if p == nil {
+		return nil
+	}
+	if workload != "" && ns != "" {
+		for _, s := range p.selectors[ns] {
+			if s.name == workload && s.scope != nil {
+				return s.scope
+			}
+		}
+	}
+	return p.scopeFor(ns)
 }
 
 // sidecarScope is one applied Sidecar's egress hosts (the union over its egress
@@ -143,7 +212,10 @@ func routeDestinations(r *route.Route) []mesh.Hostname {
 // Sidecar is applied whole or refused whole with a reason; of two Sidecars without
 // workloadSelector in one namespace the older applies and the newer is refused
 // (conflict), since Istio leaves that case undefined. A namespace Sidecar without egress
-// inherits the mesh default, as in Istio.
+// inherits the mesh default, as in Istio. Sidecars with workloadSelector never conflict
+// with the namespace's own: they take precedence for the pods they select; a newer one
+// that could select some pod an older one does (no selector label with two values) is
+// applied with a warning, as the older applies to the pods both select.
 func planSidecars(root string, scs []*networkingv1.Sidecar) (*sidecarPlan, []ConfigStatus) {
 	if len(scs) == 0 {
 		return nil, nil
@@ -154,6 +226,27 @@ func planSidecars(root string, scs []*networkingv1.Sidecar) (*sidecarPlan, []Con
 	for _, sc := range scs {
 		st := ConfigStatus{Kind: KindSidecar, Namespace: sc.Namespace, Name: sc.Name, ResourceVersion: sc.ResourceVersion, UID: string(sc.UID)}
 		scope, warn, err := planSidecar(sc)
+		if sel := sc.Spec.GetWorkloadSelector(); err == nil && sel != nil {
+			ss := &selectorSidecar{name: sc.Name, labels: sel.GetLabels()}
+			if len(scope.hosts) > 0 {
+				ss.scope = scope
+			}
+			for _, older := range p.selectors[sc.Namespace] {
+				if selectorsOverlap(older.labels, ss.labels) {
+					warn = append(warn, fmt.Sprintf("may select the same pods as Sidecar %s/%s, which is older and applies to the pods both select", sc.Namespace, older.name))
+				}
+			}
+			if p.selectors == nil {
+				p.selectors = map[string][]*selectorSidecar{}
+			}
+			p.selectors[sc.Namespace] = append(p.selectors[sc.Namespace], ss)
+			st.Applied, st.Warnings = true, warn
+			for _, h := range scope.hosts {
+				st.Hosts = append(st.Hosts, h.ns+"/"+h.dns)
+			}
+			status = append(status, st)
+			continue
+		}
 		if err == nil && owner[sc.Namespace] != "" {
 			err = rejectConfig(ReasonConflict, "another Sidecar without workloadSelector, %s, already applies to namespace %s (the oldest wins)", owner[sc.Namespace], sc.Namespace)
 		}
@@ -185,8 +278,18 @@ func planSidecars(root string, scs []*networkingv1.Sidecar) (*sidecarPlan, []Con
 func planSidecar(sc *networkingv1.Sidecar) (*sidecarScope, []string, *configError) {
 	spec := &sc.Spec
 	var warn []string
-	if spec.GetWorkloadSelector() != nil {
-		return nil, nil, rejectConfig(ReasonUnsupported, "workloadSelector is not supported yet: views are per namespace, not per workload (drop the selector to scope the namespace)")
+	if sel := spec.GetWorkloadSelector(); sel != nil {
+		if len(sel.GetLabels()) == 0 {
+			return nil, nil, rejectConfig(ReasonInvalid, "workloadSelector.labels is required (drop workloadSelector to scope the whole namespace)")
+		}
+		for _, k := range slices.Sorted(maps.Keys(sel.GetLabels())) {
+			if errs := validation.IsQualifiedName(k); len(errs) > 0 {
+				return nil, nil, rejectConfig(ReasonInvalid, "workloadSelector.labels key %q: %s", k, strings.Join(errs, "; "))
+			}
+			if errs := validation.IsValidLabelValue(sel.GetLabels()[k]); len(errs) > 0 {
+				return nil, nil, rejectConfig(ReasonInvalid, "workloadSelector.labels[%s] %q: %s", k, sel.GetLabels()[k], strings.Join(errs, "; "))
+			}
+		}
 	}
 	if len(spec.GetIngress()) > 0 {
 		warn = append(warn, "ingress is not acted on: inbound listeners are built as without it")
@@ -219,6 +322,17 @@ func planSidecar(sc *networkingv1.Sidecar) (*sidecarScope, []string, *configErro
 		}
 	}
 	return s, warn, nil
+}
+
+// selectorsOverlap reports whether some pod could carry the labels of both selectors:
+// no label has two different values in them.
+func selectorsOverlap(a, b map[string]string) bool {
+	for k, v := range a {
+		if w, ok := b[k]; ok && w != v {
+			return false
+		}
+	}
+	return true
 }
 
 // parseEgressHost parses "namespace/dnsName": namespace "*", ".", "~" or a namespace

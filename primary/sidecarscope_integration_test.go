@@ -39,15 +39,15 @@ spec:
   - hosts: ["./*"]
 `
 
-// selectorSidecar selects workloads, which Isthmus refuses (views are per namespace).
-const selectorSidecar = `
+// portSidecar has a per-port egress listener, which Isthmus refuses.
+const portSidecar = `
 apiVersion: networking.istio.io/v1
 kind: Sidecar
-metadata: {name: by-app, namespace: stock}
+metadata: {name: by-port, namespace: stock}
 spec:
-  workloadSelector: {labels: {app: client}}
   egress:
-  - hosts: ["./*"]
+  - port: {number: 9070, protocol: GRPC, name: grpc}
+    hosts: ["./*"]
 `
 
 // scopeService creates namespace ns (if needed), a Service name in it and one pod behind
@@ -116,7 +116,8 @@ func dialFrom(t *testing.T, ns, host string) testgrpc.TestServiceClient {
 // from real proxyless clients: a client in the scoped namespace loses the service of
 // another namespace (it no longer resolves) but keeps its own namespace's, a client in
 // another namespace still reaches both, a freshly dialled scoped client cannot resolve
-// it either, and deleting the Sidecar gives the scoped client the service back.
+// it either, a Sidecar Isthmus cannot apply is refused without changing a view, and
+// deleting the Sidecar gives the scoped client the service back.
 func TestSidecarScopesProxylessClient(t *testing.T) {
 	needEnv(t)
 	ctx := context.Background()
@@ -173,13 +174,13 @@ func TestSidecarScopesProxylessClient(t *testing.T) {
 
 	// A Sidecar Isthmus cannot apply is refused whole, reported, and scopes nothing.
 	bad := &networkingv1.Sidecar{}
-	if err := yaml.Unmarshal([]byte(selectorSidecar), bad); err != nil {
+	if err := yaml.Unmarshal([]byte(portSidecar), bad); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := env.istio.NetworkingV1().Sidecars("stock").Create(ctx, bad, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	kubetest.Eventually(t, 30*time.Second, "configz: the selector Sidecar refused as unsupported", func() error {
+	kubetest.Eventually(t, 30*time.Second, "configz: the per-port Sidecar refused as unsupported", func() error {
 		for _, o := range configz(t).Objects {
 			if o.Kind == "Sidecar" && o.Namespace == "stock" && !o.Applied && o.Reason == primary.ReasonUnsupported {
 				return nil
@@ -188,7 +189,7 @@ func TestSidecarScopesProxylessClient(t *testing.T) {
 		return fmt.Errorf("not refused yet")
 	})
 	kubetest.Eventually(t, 10*time.Second, "a Warning event on the refused Sidecar", func() error {
-		evs, err := env.clients[0].CoreV1().Events("stock").List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.name=by-app"})
+		evs, err := env.clients[0].CoreV1().Events("stock").List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.name=by-port"})
 		if err != nil {
 			return err
 		}

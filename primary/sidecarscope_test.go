@@ -225,7 +225,9 @@ func TestSidecarBadConfig(t *testing.T) {
 	for _, c := range []struct {
 		name, doc, reason, msg string
 	}{
-		{"selector", `{metadata: {name: s, namespace: demo}, spec: {workloadSelector: {labels: {app: a}}, egress: [{hosts: ["./*"]}]}}`, ReasonUnsupported, "workloadSelector"},
+		{"selector without labels", `{metadata: {name: s, namespace: demo}, spec: {workloadSelector: {}, egress: [{hosts: ["./*"]}]}}`, ReasonInvalid, "workloadSelector.labels is required"},
+		{"selector bad key", `{metadata: {name: s, namespace: demo}, spec: {workloadSelector: {labels: {"a b": x}}, egress: [{hosts: ["./*"]}]}}`, ReasonInvalid, `workloadSelector.labels key "a b"`},
+		{"selector bad value", `{metadata: {name: s, namespace: demo}, spec: {workloadSelector: {labels: {app: "-x"}}, egress: [{hosts: ["./*"]}]}}`, ReasonInvalid, "workloadSelector.labels[app]"},
 		{"port", `{metadata: {name: s, namespace: demo}, spec: {egress: [{port: {number: 80, protocol: HTTP, name: http}, hosts: ["./*"]}]}}`, ReasonUnsupported, "egress[0].port"},
 		{"bind", `{metadata: {name: s, namespace: demo}, spec: {egress: [{bind: 127.0.0.1, hosts: ["./*"]}]}}`, ReasonUnsupported, "egress[0].bind"},
 		{"capture", `{metadata: {name: s, namespace: demo}, spec: {egress: [{captureMode: NONE, hosts: ["./*"]}]}}`, ReasonUnsupported, "captureMode"},
@@ -387,6 +389,7 @@ func FuzzSidecarPlan(f *testing.F) {
 	f.Add(`{metadata: {name: s, namespace: demo}, spec: {egress: [{hosts: ["./*", "istio-system/*.cluster.local"]}]}}`)
 	f.Add(`{metadata: {name: s, namespace: istio-system}, spec: {egress: [{hosts: ["~/*"]}, {port: {number: 1}, hosts: ["*/x"]}]}}`)
 	f.Add(`{metadata: {name: s, namespace: shop}, spec: {workloadSelector: {labels: {a: b}}, ingress: [{}]}}`)
+	f.Add(`{metadata: {name: s, namespace: demo}, spec: {workloadSelector: {labels: {app: web}}, egress: [{hosts: ["shop/*"]}]}}`)
 	f.Fuzz(func(t *testing.T, doc string) {
 		sc := &networkingv1.Sidecar{}
 		if yaml.Unmarshal([]byte(doc), sc) != nil {
@@ -403,8 +406,9 @@ func FuzzSidecarPlan(f *testing.F) {
 				t.Fatalf("refused without a reason: %+v", st)
 			}
 		}
-		for _, ns := range []string{sc.Namespace, "demo", "istio-system", ""} {
-			res, err := b.Build(v, ViewKey{Kind: ProxyGRPC, Network: "n1", Namespace: ns})
+		for _, key := range []ViewKey{{Namespace: sc.Namespace}, {Namespace: "demo"}, {Namespace: "istio-system"}, {}, {Namespace: sc.Namespace, Workload: sc.Name}} {
+			key.Kind, key.Network = ProxyGRPC, "n1"
+			res, err := b.Build(v, key)
 			if err != nil {
 				t.Fatal(err)
 			}

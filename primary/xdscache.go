@@ -33,13 +33,18 @@ type viewCache struct {
 	// onNewView is called (under the cache's lock; it must not block) the first time a
 	// proxy asks for a view, so that the primary builds it.
 	onNewView func(ViewKey)
+	// keyOf returns the view of a proxy's node (viewKeyOf, or the primary's
+	// workloadViewKey, which also reads the pod and the Sidecars); it must not block.
+	keyOf func(*core.Node) (ViewKey, error)
 
-	// mu guards views (and everything reachable from them) and nextID. SetView marshals
-	// and sends outside it (a stream may be waiting for mu in CreateWatch while its
-	// channel is full); only openWatch answers under it, where the channel has room.
-	mu     sync.Mutex
-	views  map[ViewKey]*viewState
-	nextID int64 // the ID of the next watch, its key in viewState's watch maps
+	// mu guards views (and everything reachable from them), watchAt and nextID. SetView
+	// marshals and sends outside it (a stream may be waiting for mu in CreateWatch while
+	// its channel is full); only openWatch answers under it, where the channel has room.
+	mu    sync.Mutex
+	views map[ViewKey]*viewState
+	// watchAt is the view each parked watch is in (rekey moves watches between views).
+	watchAt map[int64]ViewKey
+	nextID  int64 // the ID of the next watch, its key in viewState's watch maps
 }
 
 // viewState is one view's resources and the watches waiting on it.
@@ -86,7 +91,7 @@ var pushOrder = []string{resource.ClusterType, resource.EndpointType, resource.L
 
 // newViewCache returns an empty cache; onNewView may be nil.
 func newViewCache(onNewView func(ViewKey)) *viewCache {
-	return &viewCache{views: map[ViewKey]*viewState{}, onNewView: onNewView}
+	return &viewCache{views: map[ViewKey]*viewState{}, watchAt: map[int64]ViewKey{}, onNewView: onNewView, keyOf: viewKeyOf}
 }
 
 // marshalResources marshals each resource once, deterministically. A resource that is the
@@ -209,6 +214,7 @@ func (c *viewCache) SetView(key ViewKey, res Resources) error {
 		if w, ok := v.sotw[id]; ok {
 			if resp := sotwResponse(v, w.req, w.sub); resp != nil {
 				delete(v.sotw, id)
+				delete(c.watchAt, id)
 				sends = append(sends, send{sotw: w.ch, sresp: resp})
 			}
 			continue
@@ -216,6 +222,7 @@ func (c *viewCache) SetView(key ViewKey, res Resources) error {
 		w := v.deltas[id]
 		if resp := deltaResponse(v, w.req, w.sub); resp != nil {
 			delete(v.deltas, id)
+			delete(c.watchAt, id)
 			sends = append(sends, send{delta: w.ch, dresp: resp})
 		}
 	}
@@ -363,7 +370,7 @@ func (c *viewCache) CreateDeltaWatch(req *cache.DeltaRequest, sub cache.Subscrip
 // one response per type and the stream's own loop is the caller, so this never blocks),
 // and otherwise parks w in the view's watches until SetView answers it.
 func openWatch[W any](c *viewCache, node *core.Node, watches func(*viewState) map[int64]W, w W, answerNow func(*viewState) bool) (func(), error) {
-	key, err := viewKeyOf(node)
+	key, err := c.keyOf(node)
 	if err != nil {
 		return nil, err
 	}
@@ -374,13 +381,61 @@ func openWatch[W any](c *viewCache, node *core.Node, watches func(*viewState) ma
 		return func() {}, nil
 	}
 	c.nextID++
-	id, m := c.nextID, watches(v)
-	m[id] = w
+	id := c.nextID
+	watches(v)[id] = w
+	c.watchAt[id] = key
 	return func() {
 		c.mu.Lock()
-		delete(m, id)
+		if at, ok := c.watchAt[id]; ok && c.views[at] != nil { // wherever rekey moved it
+			delete(c.views[at].sotw, id)
+			delete(c.views[at].deltas, id)
+		}
+		delete(c.watchAt, id)
 		c.mu.Unlock()
 	}, nil
+}
+
+// rekey moves every parked watch whose node now has another view key (its pod was
+// relabelled, a Sidecar with workloadSelector was created, changed or deleted) to that
+// view, announcing views never asked for before; the next SetView of the new view answers
+// it. Only the watches of views affected says may move are looked at (the others' keys
+// cannot have changed); keys only change through keyOf's inputs, so without Sidecars
+// with workloadSelector nothing moves.
+func (c *viewCache) rekey(affected func(ViewKey) bool) (moved int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for id, at := range c.watchAt {
+		v := c.views[at]
+		if v == nil || !affected(at) {
+			continue
+		}
+		var node *core.Node
+		sw, isSotw := v.sotw[id]
+		dw, isDelta := v.deltas[id]
+		switch {
+		case isSotw:
+			node = sw.req.GetNode()
+		case isDelta:
+			node = dw.req.GetNode()
+		default:
+			continue
+		}
+		key, err := c.keyOf(node)
+		if err != nil || key == at {
+			continue
+		}
+		nv := c.watchedStateLocked(key)
+		if isSotw {
+			delete(v.sotw, id)
+			nv.sotw[id] = sw
+		} else {
+			delete(v.deltas, id)
+			nv.deltas[id] = dw
+		}
+		c.watchAt[id] = key
+		moved++
+	}
+	return moved
 }
 
 // Fetch implements cache.ConfigFetcher; REST polling is not offered.

@@ -369,7 +369,7 @@ func (r *renderer) ingress() {
 	podLabels := map[string]string{"app": IngressName, "istio": "ingressgateway", label.TopologyNetwork.Name: v.Network}
 	d := r.deployment(IngressName, selector, v.Ingress.Replicas, corev1.Container{
 		Name: "ingress", Args: args, Ports: ports, ReadinessProbe: httpProbe(PortGatewayAdmin),
-		Env: []corev1.EnvVar{{Name: "POD_NAME", ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: "metadata.name"}}}},
+		Env:          []corev1.EnvVar{{Name: "POD_NAME", ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: "metadata.name"}}}},
 		VolumeMounts: []corev1.VolumeMount{{Name: "root", MountPath: "/etc/istio/root", ReadOnly: true}},
 		Resources: corev1.ResourceRequirements{Requests: corev1.ResourceList{
 			corev1.ResourceCPU: mustQuantity("100m"), corev1.ResourceMemory: mustQuantity("64Mi")}},

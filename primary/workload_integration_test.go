@@ -72,12 +72,12 @@ func TestSidecarSelectorScopesOnePod(t *testing.T) {
 		t.Fatal(err)
 	}
 	const front, hidden = "front.sel.svc.cluster.local", "hidden.vault.svc.cluster.local"
-	scopeService(t, "sel", "front", "10.99.71.1")
-	scopeService(t, "vault", "hidden", "10.99.71.2")
+	scopeService(t, "sel", "front", "10.99.72.1")
+	scopeService(t, "vault", "hidden", "10.99.72.2")
 	cs := env.clients[0]
 	// The client pods, selected by a Service so that relabelling them changes endpoints
 	// (and pushes) as it would in a real mesh.
-	for _, p := range []struct{ name, ip, scope string }{{"client-a", "10.99.71.11", "narrow"}, {"client-b", "10.99.71.12", "wide"}} {
+	for _, p := range []struct{ name, ip, scope string }{{"client-a", "10.99.72.11", "narrow"}, {"client-b", "10.99.72.12", "wide"}} {
 		if _, err := cs.CoreV1().Pods("sel").Create(ctx, &corev1.Pod{
 			ObjectMeta: metav1.ObjectMeta{Name: p.name, Namespace: "sel", Labels: map[string]string{"app": "front", "scope": p.scope},
 				Annotations: map[string]string{kubelocal.PodIPAnnotation: p.ip}},
@@ -98,8 +98,8 @@ func TestSidecarSelectorScopesOnePod(t *testing.T) {
 		}
 		return nil
 	})
-	aHidden, aFront := dialAsPod(t, "sel", "client-a", "10.99.71.11", hidden), dialAsPod(t, "sel", "client-a", "10.99.71.11", front)
-	bHidden := dialAsPod(t, "sel", "client-b", "10.99.71.12", hidden)
+	aHidden, aFront := dialAsPod(t, "sel", "client-a", "10.99.72.11", hidden), dialAsPod(t, "sel", "client-a", "10.99.72.11", front)
+	bHidden := dialAsPod(t, "sel", "client-b", "10.99.72.12", hidden)
 	answers := func(c testgrpc.TestServiceClient) func() error {
 		return func() error {
 			if _, err := callPolicy(c); err != nil {
@@ -137,17 +137,17 @@ func TestSidecarSelectorScopesOnePod(t *testing.T) {
 	kubetest.Eventually(t, 10*time.Second, "client-a still reaching its own namespace", answers(aFront))
 	kubetest.Eventually(t, 10*time.Second, "client-b (not selected, despite its node's LABELS) still reaching hidden", answers(bHidden))
 	kubetest.Eventually(t, 10*time.Second, "config_dump: a view of its own for the selected pod, the namespace's for the other", func() error {
-		a, b := dumpedView(t, "sidecar~10.99.71.11~client-a.sel~sel.svc.cluster.local"), dumpedView(t, "sidecar~10.99.71.12~client-b.sel~sel.svc.cluster.local")
+		a, b := dumpedView(t, "sidecar~10.99.72.11~client-a.sel~sel.svc.cluster.local"), dumpedView(t, "sidecar~10.99.72.12~client-b.sel~sel.svc.cluster.local")
 		if !strings.HasSuffix(a, "~sel:narrow") || !strings.HasSuffix(b, "~sel") {
 			return fmt.Errorf("client-a on %q, client-b on %q", a, b)
 		}
 		return nil
 	})
-	if _, err := callPolicy(dialAsPod(t, "sel", "client-a", "10.99.71.11", hidden)); err == nil {
+	if _, err := callPolicy(dialAsPod(t, "sel", "client-a", "10.99.72.11", hidden)); err == nil {
 		t.Fatal("a client-a client dialled after the Sidecar reached hidden")
 	}
 	// A node naming client-a with another IP is not believed to be client-a.
-	kubetest.Eventually(t, 30*time.Second, "a node naming client-a at the wrong IP gets the namespace's view", answers(dialAsPod(t, "sel", "client-a", "10.99.71.99", hidden)))
+	kubetest.Eventually(t, 30*time.Second, "a node naming client-a at the wrong IP gets the namespace's view", answers(dialAsPod(t, "sel", "client-a", "10.99.72.99", hidden)))
 
 	relabel := func(scope string) {
 		t.Helper()

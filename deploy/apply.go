@@ -266,6 +266,9 @@ func remove(ctx context.Context, cfg ApplyConfig, es []entry, res *Result) error
 		if e.Kind == "Deployment" {
 			policy = metav1.DeletePropagationForeground
 		}
+		if e.Kind == "CustomResourceDefinition" && cfg.Wait {
+			waitListable(ctx, cfg, rc, e.Name)
+		}
 		err = rc.Delete(ctx, e.Name, metav1.DeleteOptions{PropagationPolicy: &policy})
 		if err != nil && !apierrors.IsNotFound(err) {
 			return fmt.Errorf("deploy: delete %s: %w", e.Ref, err)
@@ -288,6 +291,44 @@ func remove(ctx context.Context, cfg ApplyConfig, es []entry, res *Result) error
 		}
 	}
 	return nil
+}
+
+// waitListable waits (up to cfg.Timeout) until the instances of CRD name can be listed.
+// The API server's finalizer for a deleted CRD must list its instances; if the CRD's
+// storage is still initializing (a CRD created moments before, on a loaded server), that
+// list fails and the finalizer backs off exponentially, past any sensible wait. Deleting
+// only once a list works lets the finalizer's first attempt succeed. It never fails: on
+// timeout the deletion goes ahead and the wait after it reports what is stuck.
+func waitListable(ctx context.Context, cfg ApplyConfig, rc dynamic.ResourceInterface, name string) {
+	crd, err := rc.Get(ctx, name, metav1.GetOptions{})
+	if err != nil {
+		return
+	}
+	group, _, _ := unstructured.NestedString(crd.Object, "spec", "group")
+	plural, _, _ := unstructured.NestedString(crd.Object, "spec", "names", "plural")
+	versions, _, _ := unstructured.NestedSlice(crd.Object, "spec", "versions")
+	version := ""
+	for _, v := range versions {
+		m, _ := v.(map[string]any)
+		if served, _ := m["served"].(bool); served {
+			if version, _ = m["name"].(string); version != "" {
+				break
+			}
+		}
+	}
+	if group == "" || plural == "" || version == "" {
+		return
+	}
+	cr := cfg.Client.Resource(schema.GroupVersionResource{Group: group, Version: version, Resource: plural})
+	waited := false
+	_ = wait.PollUntilContextTimeout(ctx, 200*time.Millisecond, cfg.Timeout, true, func(ctx context.Context) (bool, error) {
+		_, err := cr.List(ctx, metav1.ListOptions{Limit: 1})
+		if err != nil && !waited {
+			fmt.Fprintf(cfg.Progress, "waiting until the API server can list %s.%s before deleting its CRD: %v\n", plural, group, err)
+			waited = true
+		}
+		return err == nil, nil
+	})
 }
 
 // whyStuck says what keeps a deleted object from going: its finalizers and, for a CRD

@@ -32,16 +32,20 @@ func TestSlowlorisAndStreamFlood(t *testing.T) {
 	const slow = 20
 	var wg sync.WaitGroup
 	closedIn := make(chan time.Duration, slow)
+	var started sync.WaitGroup // every slow client has sent its first header line
+	started.Add(slow)
 	for range slow {
 		wg.Go(func() {
 			c, err := net.Dial("tcp", h.addr(80))
 			if err != nil {
+				started.Done()
 				t.Error(err)
 				return
 			}
 			defer c.Close()
 			start := time.Now()
 			io.WriteString(c, "GET /v1 HTTP/1.1\r\nHost: echo.example.com\r\n")
+			started.Done()
 			done := make(chan struct{})
 			go func() { io.Copy(io.Discard, c); close(done) }() // EOF when the proxy closes it
 			for {
@@ -67,8 +71,8 @@ func TestSlowlorisAndStreamFlood(t *testing.T) {
 	// The rapid-reset flood on one HTTP/2 connection.
 	wg.Go(func() { flood(t, h.addr(443), 1000) })
 
-	// Meanwhile an ordinary client is served.
-	time.Sleep(2 * time.Second)
+	// Meanwhile (every slow client holding its connection) an ordinary client is served.
+	started.Wait()
 	if code, _, _ := get(t, h.client(true), "https://echo.example.com/v1/ok", ""); code != 200 {
 		t.Errorf("an ordinary client got %d during the attacks", code)
 	}

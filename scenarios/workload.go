@@ -172,9 +172,6 @@ type workload struct {
 	// tok and tokExp cache the service-account token; guarded by mu.
 	tok    string
 	tokExp time.Time
-	// cert and certSerial cache the key pair on disk; guarded by mu.
-	cert       *tls.Certificate
-	certSerial string
 	// ready is set once the Pod exists; guarded by mu.
 	ready bool
 	// channels are the probes' xDS channels by target; guarded by mu.
@@ -207,29 +204,10 @@ func (w *workload) token() (string, error) {
 	return w.tok, nil
 }
 
-// keyPair returns the certificate on disk, re-read when the agent has renewed it.
-func (w *workload) keyPair() (*tls.Certificate, error) {
-	cur := w.agent.Current()
-	if cur == nil {
-		return nil, errors.New("scenarios: workload: no certificate yet")
-	}
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if w.cert != nil && w.certSerial == cur.SerialNumber.String() {
-		return w.cert, nil
-	}
-	c, err := tls.LoadX509KeyPair(filepath.Join(w.cfg.Dir, trust.AgentCertFile), filepath.Join(w.cfg.Dir, trust.AgentKeyFile))
-	if err != nil {
-		return nil, err
-	}
-	w.cert, w.certSerial = &c, cur.SerialNumber.String()
-	return w.cert, nil
-}
-
 // serverTLS returns the TLS configuration of one handshake: the current certificate and
 // the current bundles for the client's certificate.
 func (w *workload) serverTLS(*tls.ClientHelloInfo) (*tls.Config, error) {
-	cert, err := w.keyPair()
+	cert, err := w.agent.KeyPair()
 	if err != nil {
 		return nil, err
 	}
@@ -253,7 +231,7 @@ func (w *workload) serve(ctx context.Context) error {
 	if !w.waitTrust(ctx) {
 		return nil
 	}
-	if _, err := w.keyPair(); err != nil {
+	if _, err := w.agent.KeyPair(); err != nil {
 		return err
 	}
 	var (

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/isthmus-mesh/isthmus/mesh"
 	"github.com/isthmus-mesh/isthmus/trust"
 )
 
@@ -27,20 +26,10 @@ func newWorkloadTrust(dir string) *workloadTrust {
 	return &workloadTrust{peers: peers, writer: &trust.BundleMapWriter{Path: trust.BundleMapPath(dir), Peers: peers}}
 }
 
-// onIssue takes the roots of a new certificate (the CA's response carries its own
-// domain's roots only).
+// onIssue takes the roots of a new certificate (BundleMapWriter.SetIssued).
 func (t *workloadTrust) onIssue(log func(msg string, args ...any)) func(trust.Issued) {
 	return func(in trust.Issued) {
-		if len(in.Leaf.URIs) != 1 {
-			log("certificate without one SPIFFE ID; bundle map unchanged")
-			return
-		}
-		id, err := mesh.ParseIdentity(in.Leaf.URIs[0].String())
-		if err != nil {
-			log("certificate identity", "err", err)
-			return
-		}
-		if err := t.writer.SetLocal(id.TrustDomain, in.RootPEM); err != nil {
+		if _, err := t.writer.SetIssued(in); err != nil {
 			log("bundle map not written", "err", err)
 		}
 	}

@@ -3,6 +3,7 @@ package trust
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
@@ -72,6 +73,8 @@ type Agent struct {
 	mu sync.Mutex
 	// current is the certificate on disk; guarded by mu.
 	current *x509.Certificate
+	// pair is current's key pair as loaded from disk, for KeyPair; guarded by mu.
+	pair *tls.Certificate
 }
 
 // NewAgent validates cfg.
@@ -93,6 +96,26 @@ func (a *Agent) Current() *x509.Certificate {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return a.current
+}
+
+// KeyPair returns the current certificate and key as TLS serves them, read from Dir once
+// per issued certificate (so a renewal is picked up at the next handshake). It fails
+// before the first issuance.
+func (a *Agent) KeyPair() (*tls.Certificate, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.current == nil {
+		return nil, errors.New("trust: agent: no certificate yet")
+	}
+	if a.pair != nil && a.pair.Leaf != nil && a.pair.Leaf.SerialNumber.Cmp(a.current.SerialNumber) == 0 {
+		return a.pair, nil
+	}
+	c, err := tls.LoadX509KeyPair(filepath.Join(a.cfg.Dir, AgentCertFile), filepath.Join(a.cfg.Dir, AgentKeyFile))
+	if err != nil {
+		return nil, fmt.Errorf("trust: agent: %w", err)
+	}
+	a.pair = &c
+	return a.pair, nil
 }
 
 // Run keeps the certificate current until ctx ends, then returns nil. It never gives up:

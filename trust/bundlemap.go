@@ -91,6 +91,20 @@ type BundleMapWriter struct {
 	set   *BundleSet
 }
 
+// SetIssued takes the roots of a newly issued certificate (Agent's OnIssue) as the local
+// domain's bundle, the domain read from the leaf's one SPIFFE ID (the CA's response
+// carries its own domain's roots only), and returns that identity.
+func (w *BundleMapWriter) SetIssued(in Issued) (mesh.Identity, error) {
+	if in.Leaf == nil || len(in.Leaf.URIs) != 1 {
+		return mesh.Identity{}, errors.New("trust: bundle map: certificate without one SPIFFE ID; bundle map unchanged")
+	}
+	id, err := mesh.ParseIdentity(in.Leaf.URIs[0].String())
+	if err != nil {
+		return mesh.Identity{}, fmt.Errorf("trust: bundle map: certificate identity: %w", err)
+	}
+	return id, w.SetLocal(id.TrustDomain, in.RootPEM)
+}
+
 // SetLocal takes the agent's own domain and roots (the root file of an issued
 // certificate, PEM) and writes the map.
 func (w *BundleMapWriter) SetLocal(td mesh.TrustDomain, rootPEM []byte) error {

@@ -12,11 +12,9 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -234,57 +232,26 @@ func ingressNode(ip, name, namespace string, nw mesh.NetworkID, cid mesh.Cluster
 // agent, and the peer verified against the bundle of the peer's own trust domain (the
 // CA's roots, and peer domains' bundles from the bundle store).
 type meshTLS struct {
-	dir    string
 	agent  *trust.Agent
 	peers  *trust.BundleSet
 	writer *trust.BundleMapWriter
-
-	mu     sync.Mutex
-	cert   *tls.Certificate // guarded by mu
-	serial string           // guarded by mu
 }
 
-func newMeshTLS(dir string) *meshTLS {
+func newMeshTLS(dir string) *meshTLS { // dir holds the agent's files and the bundle map
 	peers := trust.NewBundleSet()
-	return &meshTLS{dir: dir, peers: peers, writer: &trust.BundleMapWriter{Path: trust.BundleMapPath(dir), Peers: peers}}
+	return &meshTLS{peers: peers, writer: &trust.BundleMapWriter{Path: trust.BundleMapPath(dir), Peers: peers}}
 }
 
 // onIssue takes the roots of each new certificate as the local domain's bundle.
 func (m *meshTLS) onIssue(log *slog.Logger) func(trust.Issued) {
 	return func(in trust.Issued) {
-		if len(in.Leaf.URIs) != 1 {
-			log.Warn("mesh certificate without one SPIFFE ID; trust bundles unchanged")
-			return
-		}
-		id, err := mesh.ParseIdentity(in.Leaf.URIs[0].String())
+		id, err := m.writer.SetIssued(in)
 		if err != nil {
-			log.Warn("mesh certificate identity", "err", err)
-			return
-		}
-		if err := m.writer.SetLocal(id.TrustDomain, in.RootPEM); err != nil {
 			log.Warn("trust bundles not written", "err", err)
+			return
 		}
 		log.Info("mesh certificate issued", "identity", id.String(), "expires", in.Leaf.NotAfter)
 	}
-}
-
-// keyPair returns the current certificate, re-read when the agent has renewed it.
-func (m *meshTLS) keyPair() (*tls.Certificate, error) {
-	cur := m.agent.Current()
-	if cur == nil {
-		return nil, errors.New("no mesh certificate from the CA yet")
-	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.cert != nil && m.serial == cur.SerialNumber.String() {
-		return m.cert, nil
-	}
-	c, err := tls.LoadX509KeyPair(filepath.Join(m.dir, trust.AgentCertFile), filepath.Join(m.dir, trust.AgentKeyFile))
-	if err != nil {
-		return nil, err
-	}
-	m.cert, m.serial = &c, cur.SerialNumber.String()
-	return m.cert, nil
 }
 
 // config is proxy.Options.MeshTLS: SNI as the cluster names it, the current certificate
@@ -292,7 +259,7 @@ func (m *meshTLS) keyPair() (*tls.Certificate, error) {
 // domain's bundle (a mesh certificate names no DNS host, so the chain is checked here
 // rather than by host name).
 func (m *meshTLS) config(sni string) (*tls.Config, error) {
-	if _, err := m.keyPair(); err != nil {
+	if _, err := m.agent.KeyPair(); err != nil {
 		return nil, err
 	}
 	return &tls.Config{
@@ -306,6 +273,6 @@ func (m *meshTLS) config(sni string) (*tls.Config, error) {
 			_, err := set.VerifyPeer(raw)
 			return err
 		},
-		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return m.keyPair() },
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return m.agent.KeyPair() },
 	}, nil
 }

@@ -107,6 +107,15 @@ func ensureDocker(ctx context.Context, install bool, say func(string)) error {
 		return fmt.Errorf("engine: %s not installed: apt-get install docker.io, or start Docker and set DOCKER_HOST", strings.Join(missing, ", "))
 	}
 	say("container engine: installing Debian's docker.io (missing: " + strings.Join(missing, ", ") + ")")
+	// The package must not start its service: dockerd's default bridge would be a container
+	// network made behind the caller's back.
+	const policy = "/usr/sbin/policy-rc.d"
+	if _, err := os.Stat(policy); os.IsNotExist(err) {
+		if err := os.WriteFile(policy, []byte("#!/bin/sh\nexit 101\n"), 0o755); err != nil {
+			return fmt.Errorf("engine: keep apt from starting services: %w", err)
+		}
+		defer os.Remove(policy)
+	}
 	for _, args := range [][]string{{"update", "-qq"}, {"install", "-y", "-qq", "docker.io"}} {
 		cmd := exec.CommandContext(ctx, "apt-get", args...)
 		cmd.Env = append(os.Environ(), "DEBIAN_FRONTEND=noninteractive")

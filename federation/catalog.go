@@ -17,6 +17,8 @@ const (
 	maxCatalogServices = 4096
 	maxServicePorts    = 64
 	maxServiceGateways = 16
+	// maxServiceIdentities bounds the service accounts one entry may list.
+	maxServiceIdentities = 64
 )
 
 // ImportHostname is the name an importing mesh gives service key of peer mesh peer
@@ -47,6 +49,11 @@ type ExportedService struct {
 	Gateways []string `json:"gateways"`
 	// Consumers are the peer meshes this service is exported to; a receiver must be one.
 	Consumers []mesh.MeshID `json:"consumers"`
+	// Identities are the SPIFFE IDs (spiffe://<exporter's td>/ns/<ns>/sa/<sa>) the
+	// service's endpoints run as, sorted: an importer's clients accept only a server
+	// proving one of them. Empty when the exporter knows no endpoint; the importer then
+	// requires the exporter's trust domain alone.
+	Identities []string `json:"identities,omitempty"`
 }
 
 // CatalogPort is one port of an exported service.
@@ -178,6 +185,23 @@ func (s *ExportedService) validate() error {
 			return fmt.Errorf("consumer: %w", err)
 		}
 	}
+	if len(s.Identities) > maxServiceIdentities {
+		return fmt.Errorf("%d identities, more than %d", len(s.Identities), maxServiceIdentities)
+	}
+	ids := map[string]bool{}
+	for _, id := range s.Identities {
+		v, err := mesh.ParseIdentity(id)
+		if err != nil {
+			return fmt.Errorf("identity: %w", err)
+		}
+		if v.String() != id {
+			return fmt.Errorf("identity %q is not in canonical form %q", id, v.String())
+		}
+		if ids[id] {
+			return fmt.Errorf("identity %s twice", id)
+		}
+		ids[id] = true
+	}
 	return nil
 }
 
@@ -195,9 +219,10 @@ type PeerClaim struct {
 // whole catalog is refused (err, a CatalogError) unless it is the peer's own (mesh and
 // trust domain, and the stream proved that domain) and its sequence is not older than
 // last (the sequence of the catalog held; 0 when none). An entry naming a service the
-// peer does not export to self is refused alone: apply is the catalog without such
-// entries and refused holds one CatalogError (ReasonNotExported) per entry left out, so a
-// peer's mistake about one service never takes the others away. c is not modified.
+// peer does not export to self (ReasonNotExported), or listing a service identity outside
+// the peer's trust domain (ReasonIdentity), is refused alone: apply is the catalog without
+// such entries and refused holds one CatalogError per entry left out, so a peer's mistake
+// about one service never takes the others away. c is not modified.
 func CheckReceived(c *Catalog, peer PeerClaim, self mesh.MeshID, last uint64) (apply *Catalog, refused []error, err error) {
 	if c.Mesh != peer.Mesh {
 		return nil, nil, refuse(ReasonMesh, "peer %s sent a catalog of mesh %s", peer.Mesh, c.Mesh)
@@ -218,7 +243,22 @@ func CheckReceived(c *Catalog, peer PeerClaim, self mesh.MeshID, last uint64) (a
 			refused = append(refused, refuse(ReasonNotExported, "peer %s names %s/%s, which it does not export to %s (consumers %v)", peer.Mesh, s.Namespace, s.Name, self, s.Consumers))
 			continue
 		}
+		if id := foreignIdentity(s.Identities, peer.TrustDomain); id != "" {
+			refused = append(refused, refuse(ReasonIdentity, "peer %s lists identity %s for %s/%s, outside its trust domain %s", peer.Mesh, id, s.Namespace, s.Name, peer.TrustDomain))
+			continue
+		}
 		out.Services = append(out.Services, s)
 	}
 	return &out, refused, nil
+}
+
+// foreignIdentity returns the first of ids (valid SPIFFE IDs) not in trust domain td, or "".
+func foreignIdentity(ids []string, td mesh.TrustDomain) string {
+	for _, id := range ids {
+		v, err := mesh.ParseIdentity(id)
+		if err != nil || v.TrustDomain != td {
+			return id
+		}
+	}
+	return ""
 }

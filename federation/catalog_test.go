@@ -15,7 +15,8 @@ func testCatalog() *Catalog {
 		Namespace: "demo", Name: "echo",
 		Ports:     []CatalogPort{{Name: "grpc", Port: 8080, Protocol: mesh.ProtocolGRPC}},
 		Gateways:  []string{"10.1.0.1:15443"},
-		Consumers: []mesh.MeshID{"mesh-b"},
+		Consumers:  []mesh.MeshID{"mesh-b"},
+		Identities: []string{"spiffe://a.example/ns/demo/sa/echo"},
 	}}}
 }
 
@@ -40,6 +41,11 @@ func TestCatalogChecks(t *testing.T) {
 		{"bad protocol", edit(func(c *Catalog) { c.Services[0].Ports[0].Protocol = "QUIC" }), peer, 0, ReasonInvalid},
 		{"bad name", edit(func(c *Catalog) { c.Services[0].Name = "Echo_1" }), peer, 0, ReasonInvalid},
 		{"port zero", edit(func(c *Catalog) { c.Services[0].Ports[0].Port = 0 }), peer, 0, ReasonInvalid},
+		{"no identities", edit(func(c *Catalog) { c.Services[0].Identities = nil }), peer, 0, ""},
+		{"identity not SPIFFE", edit(func(c *Catalog) { c.Services[0].Identities = []string{"echo"} }), peer, 0, ReasonInvalid},
+		{"identity of another shape", edit(func(c *Catalog) { c.Services[0].Identities = []string{"spiffe://a.example/echo"} }), peer, 0, ReasonInvalid},
+		{"identity twice", edit(func(c *Catalog) { c.Services[0].Identities = append(c.Services[0].Identities, c.Services[0].Identities[0]) }), peer, 0, ReasonInvalid},
+		{"identity not canonical", edit(func(c *Catalog) { c.Services[0].Identities = []string{"spiffe://A.example/ns/demo/sa/echo"} }), peer, 0, ReasonInvalid},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -92,6 +98,32 @@ func TestCatalogEntryNotExported(t *testing.T) {
 	}
 }
 
+// TestCatalogEntryForeignIdentity: an entry listing a service account outside the
+// exporter's trust domain (a peer claiming another mesh's workloads) is refused alone with
+// its own error (ReasonIdentity); the rest is applied with its identities.
+func TestCatalogEntryForeignIdentity(t *testing.T) {
+	peer := PeerClaim{Mesh: "mesh-a", TrustDomain: "a.example", Proved: "a.example"}
+	c := testCatalog()
+	other := c.Services[0]
+	other.Name, other.Identities = "spoof", []string{"spiffe://a.example/ns/demo/sa/ok", "spiffe://b.example/ns/demo/sa/echo"}
+	c.Services = append(c.Services, other)
+	apply, refused, err := CheckReceived(c, peer, "mesh-b", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(apply.Services) != 1 || apply.Services[0].Name != "echo" {
+		t.Fatalf("applied %+v", apply.Services)
+	}
+	if len(refused) != 1 || RefusalReason(refused[0]) != ReasonIdentity ||
+		!strings.Contains(refused[0].Error(), "lists identity spiffe://b.example/ns/demo/sa/echo for demo/spoof, outside its trust domain a.example") {
+		t.Fatalf("refused %v", refused)
+	}
+	imps := importsOf(apply)
+	if len(imps) != 1 || len(imps[0].Identities) != 1 || imps[0].Identities[0].String() != "spiffe://a.example/ns/demo/sa/echo" {
+		t.Fatalf("imports %+v", imps)
+	}
+}
+
 func TestDecodeCatalogStrict(t *testing.T) {
 	b, _ := json.Marshal(testCatalog())
 	for name, in := range map[string]string{
@@ -125,6 +157,10 @@ func FuzzCatalog(f *testing.F) {
 	mixed.Services = append(mixed.Services, other)
 	b, _ = json.Marshal(mixed)
 	f.Add(b)
+	foreign := testCatalog()
+	foreign.Services[0].Identities = []string{"spiffe://a.example/ns/demo/sa/echo", "spiffe://c.example/ns/demo/sa/echo"}
+	b, _ = json.Marshal(foreign)
+	f.Add(b)
 	f.Fuzz(func(t *testing.T, in []byte) {
 		c, err := DecodeCatalog(in)
 		if err != nil {
@@ -154,10 +190,13 @@ func FuzzCatalog(f *testing.F) {
 			if !slices.Contains(s.Consumers, "mesh-b") {
 				t.Fatalf("applied %s/%s, not exported to mesh-b", s.Namespace, s.Name)
 			}
+			if id := foreignIdentity(s.Identities, c.TrustDomain); id != "" {
+				t.Fatalf("applied %s/%s with identity %s outside %s", s.Namespace, s.Name, id, c.TrustDomain)
+			}
 		}
 		for _, r := range refused {
-			if RefusalReason(r) != ReasonNotExported {
-				t.Fatalf("entry refused as %q", RefusalReason(r))
+			if reason := RefusalReason(r); reason != ReasonNotExported && reason != ReasonIdentity {
+				t.Fatalf("entry refused as %q", reason)
 			}
 		}
 	})

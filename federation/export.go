@@ -16,6 +16,9 @@ type Export struct {
 	Key       mesh.ServiceKey
 	Ports     []CatalogPort
 	Consumers []mesh.MeshID
+	// Identities are the service accounts its endpoints run as, in this mesh's trust
+	// domain, sorted; importers' clients require the server to prove one of them.
+	Identities []mesh.Identity
 }
 
 // ExportSource is where an Endpoint reads what it exports. Exports returns the complete
@@ -38,6 +41,9 @@ type ImportedService struct {
 	Ports       []CatalogPort
 	// Gateways are the exporting mesh's east-west gateways for it.
 	Gateways []netip.AddrPort
+	// Identities are the server identities a client must see (the exporter's service
+	// accounts, all in TrustDomain); empty means any identity of TrustDomain.
+	Identities []mesh.Identity
 }
 
 // ImportSink receives imports. ReplaceImports sets the complete set imported from peer
@@ -130,7 +136,8 @@ func catalogFor(self mesh.MeshID, td mesh.TrustDomain, peer mesh.MeshID, seq uin
 			continue
 		}
 		c.Services = append(c.Services, ExportedService{Namespace: e.Key.Namespace, Name: e.Key.Name,
-			Ports: slices.Clone(e.Ports), Gateways: slices.Clone(gateways), Consumers: []mesh.MeshID{peer}})
+			Ports: slices.Clone(e.Ports), Gateways: slices.Clone(gateways), Consumers: []mesh.MeshID{peer},
+			Identities: identityStrings(e.Identities)})
 	}
 	slices.SortFunc(c.Services, func(a, b ExportedService) int {
 		return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
@@ -147,7 +154,23 @@ func importsOf(c *Catalog) []ImportedService {
 		for _, g := range s.Gateways {
 			is.Gateways = append(is.Gateways, netip.MustParseAddrPort(g)) // Validate parsed each
 		}
+		for _, id := range s.Identities {
+			v, _ := mesh.ParseIdentity(id) // Validate parsed each
+			is.Identities = append(is.Identities, v)
+		}
 		out = append(out, is)
 	}
 	return out
+}
+
+// identityStrings returns the SPIFFE IDs of ids, sorted and without duplicates; nil for none.
+func identityStrings(ids []mesh.Identity) []string {
+	var out []string
+	for _, id := range ids {
+		if !id.IsZero() {
+			out = append(out, id.String())
+		}
+	}
+	slices.Sort(out)
+	return slices.Compact(out)
 }

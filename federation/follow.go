@@ -190,7 +190,8 @@ func (f *MeshFeed) frame() (FeedFrame, <-chan struct{}) {
 		fp := FeedPeer{Mesh: peer, Services: []ExportedService{}}
 		for _, s := range svcs {
 			fp.TrustDomain = s.TrustDomain
-			es := ExportedService{Namespace: s.Key.Namespace, Name: s.Key.Name, Ports: slices.Clone(s.Ports), Consumers: []mesh.MeshID{}}
+			es := ExportedService{Namespace: s.Key.Namespace, Name: s.Key.Name, Ports: slices.Clone(s.Ports), Consumers: []mesh.MeshID{},
+				Identities: identityStrings(s.Identities)}
 			for _, g := range s.Gateways {
 				es.Gateways = append(es.Gateways, g.String())
 			}
@@ -236,6 +237,11 @@ func DecodeFeedFrame(b []byte) (*FeedFrame, error) {
 		}
 		if err := c.Validate(); err != nil {
 			return nil, fmt.Errorf("federation: feed frame: peer %d (%s): %w", i, p.Mesh, err)
+		}
+		for _, svc := range p.Services {
+			if id := foreignIdentity(svc.Identities, p.TrustDomain); id != "" {
+				return nil, fmt.Errorf("federation: feed frame: peer %s: %s/%s lists identity %s outside trust domain %s", p.Mesh, svc.Namespace, svc.Name, id, p.TrustDomain)
+			}
 		}
 	}
 	if err := fr.Exports.validate(); err != nil {

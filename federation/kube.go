@@ -37,6 +37,10 @@ type KubeExportsConfig struct {
 	MCS    mcsclient.Interface
 	// Namespace holds ExportPolicyConfigMap. Required.
 	Namespace string
+	// TrustDomain is this mesh's: each export lists the service accounts of the pods its
+	// Service selects as spiffe://<TrustDomain>/ns/<ns>/sa/<sa>. Empty lists none (the
+	// importers then require the trust domain alone).
+	TrustDomain mesh.TrustDomain
 	// Resync is the informers' resync period; default 10 minutes.
 	Resync time.Duration
 	// Log defaults to discarding.
@@ -66,6 +70,11 @@ type KubeExports struct {
 func NewKubeExports(cfg KubeExportsConfig) (*KubeExports, error) {
 	if cfg.Client == nil || cfg.MCS == nil || cfg.Namespace == "" {
 		return nil, errors.New("federation: kube exports: Client, MCS and Namespace are required")
+	}
+	if cfg.TrustDomain != "" {
+		if _, err := mesh.ParseTrustDomain(string(cfg.TrustDomain)); err != nil {
+			return nil, fmt.Errorf("federation: kube exports: %w", err)
+		}
 	}
 	if cfg.Resync == 0 {
 		cfg.Resync = 10 * time.Minute
@@ -106,9 +115,14 @@ func (k *KubeExports) Run(ctx context.Context) error {
 	svcs := kf.Core().V1().Services()
 	cmf := informers.NewSharedInformerFactoryWithOptions(k.cfg.Client, k.cfg.Resync, informers.WithNamespace(k.cfg.Namespace))
 	cms := cmf.Core().V1().ConfigMaps()
+	pods := kf.Core().V1().Pods()
 	mf := mcsinformers.NewSharedInformerFactory(k.cfg.MCS, k.cfg.Resync)
 	ses := mf.Multicluster().V1alpha1().ServiceExports()
-	for _, inf := range []cache.SharedIndexInformer{svcs.Informer(), cms.Informer(), ses.Informer()} {
+	infs := []cache.SharedIndexInformer{svcs.Informer(), cms.Informer(), ses.Informer()}
+	if k.cfg.TrustDomain != "" {
+		infs = append(infs, pods.Informer())
+	}
+	for _, inf := range infs {
 		if _, err := inf.AddEventHandler(h); err != nil {
 			return fmt.Errorf("federation: kube exports: %w", err)
 		}
@@ -119,10 +133,14 @@ func (k *KubeExports) Run(ctx context.Context) error {
 	defer kf.Shutdown()
 	defer cmf.Shutdown()
 	defer mf.Shutdown()
-	for _, synced := range [](func() bool){svcs.Informer().HasSynced, cms.Informer().HasSynced, ses.Informer().HasSynced} {
-		if !cache.WaitForCacheSync(ctx.Done(), synced) {
+	for _, inf := range infs {
+		if !cache.WaitForCacheSync(ctx.Done(), inf.HasSynced) {
 			return nil
 		}
+	}
+	podsOf := func(string, labels.Selector) ([]*corev1.Pod, error) { return nil, nil }
+	if k.cfg.TrustDomain != "" {
+		podsOf = func(ns string, sel labels.Selector) ([]*corev1.Pod, error) { return pods.Lister().Pods(ns).List(sel) }
 	}
 	for {
 		k.recompute(func(ns, name string) (*corev1.Service, error) { return svcs.Lister().Services(ns).Get(name) },
@@ -136,7 +154,7 @@ func (k *KubeExports) Run(ctx context.Context) error {
 					out = append(out, mesh.ServiceKey{Namespace: se.Namespace, Name: se.Name})
 				}
 				return out, err
-			})
+			}, podsOf)
 		select {
 		case <-ctx.Done():
 			return nil
@@ -153,7 +171,10 @@ func poke(ch chan struct{}) {
 }
 
 // recompute derives the exports from the listers' content.
-func (k *KubeExports) recompute(service func(ns, name string) (*corev1.Service, error), policyCM func() (*corev1.ConfigMap, error), exportsList func() ([]mesh.ServiceKey, error)) {
+// podsOf lists the pods of a namespace a selector matches (the Service's endpoints, whose
+// service accounts the export lists).
+func (k *KubeExports) recompute(service func(ns, name string) (*corev1.Service, error), policyCM func() (*corev1.ConfigMap, error), exportsList func() ([]mesh.ServiceKey, error),
+	podsOf func(ns string, sel labels.Selector) ([]*corev1.Pod, error)) {
 	var problems []string
 	var policy ExportPolicy
 	cm, err := policyCM()
@@ -195,12 +216,12 @@ func (k *KubeExports) recompute(service func(ns, name string) (*corev1.Service, 
 			problems = append(problems, fmt.Sprintf("ServiceExport %s: the Service has no TCP port: not exported", key))
 			continue
 		}
-		exports = append(exports, Export{Key: key, Ports: ports, Consumers: consumers})
+		exports = append(exports, Export{Key: key, Ports: ports, Consumers: consumers, Identities: k.identities(svc, podsOf)})
 	}
 	slices.SortFunc(exports, func(a, b Export) int { return strings.Compare(a.Key.String(), b.Key.String()) })
 	k.mu.Lock()
 	same := slices.EqualFunc(k.exports, exports, func(a, b Export) bool {
-		return a.Key == b.Key && slices.Equal(a.Ports, b.Ports) && slices.Equal(a.Consumers, b.Consumers)
+		return a.Key == b.Key && slices.Equal(a.Ports, b.Ports) && slices.Equal(a.Consumers, b.Consumers) && slices.Equal(a.Identities, b.Identities)
 	})
 	k.exports, k.problems = exports, problems
 	k.mu.Unlock()
@@ -211,6 +232,38 @@ func (k *KubeExports) recompute(service func(ns, name string) (*corev1.Service, 
 			k.cfg.OnChange(slices.Clone(exports))
 		}
 	}
+}
+
+// identities returns the service accounts of the pods svc selects that may serve (not
+// finished), as identities of this mesh's trust domain, sorted; none without a trust
+// domain or a selector.
+func (k *KubeExports) identities(svc *corev1.Service, podsOf func(ns string, sel labels.Selector) ([]*corev1.Pod, error)) []mesh.Identity {
+	if k.cfg.TrustDomain == "" || len(svc.Spec.Selector) == 0 || podsOf == nil {
+		return nil
+	}
+	pods, err := podsOf(svc.Namespace, labels.SelectorFromSet(svc.Spec.Selector))
+	if err != nil {
+		return nil
+	}
+	var out []mesh.Identity
+	for _, p := range pods {
+		if p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed || p.DeletionTimestamp != nil {
+			continue
+		}
+		sa := p.Spec.ServiceAccountName
+		if sa == "" {
+			sa = "default"
+		}
+		id, err := mesh.NewIdentity(k.cfg.TrustDomain, p.Namespace, sa)
+		if err != nil {
+			continue
+		}
+		if !slices.Contains(out, id) {
+			out = append(out, id)
+		}
+	}
+	slices.SortFunc(out, func(a, b mesh.Identity) int { return strings.Compare(a.String(), b.String()) })
+	return out
 }
 
 // ParseExportPolicy decodes and validates a policy (strict JSON).

@@ -9,6 +9,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 
 	"github.com/isthmus-mesh/isthmus/mesh"
@@ -19,7 +20,24 @@ import (
 func TestKubeExportsRecompute(t *testing.T) {
 	svc := func(ns, name string) *corev1.Service {
 		return &corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name},
-			Spec: corev1.ServiceSpec{Ports: []corev1.ServicePort{{Name: "grpc-echo", Port: 8080}, {Name: "dns", Port: 53, Protocol: corev1.ProtocolUDP}}}}
+			Spec: corev1.ServiceSpec{Selector: map[string]string{"app": name},
+				Ports: []corev1.ServicePort{{Name: "grpc-echo", Port: 8080}, {Name: "dns", Port: 53, Protocol: corev1.ProtocolUDP}}}}
+	}
+	pod := func(ns, name, app, sa string, phase corev1.PodPhase) *corev1.Pod {
+		return &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name, Labels: map[string]string{"app": app}},
+			Spec: corev1.PodSpec{ServiceAccountName: sa}, Status: corev1.PodStatus{Phase: phase}}
+	}
+	allPods := []*corev1.Pod{pod("demo", "echo-0", "echo", "echo", corev1.PodRunning), pod("demo", "echo-1", "echo", "", corev1.PodPending),
+		pod("demo", "echo-2", "echo", "echo", corev1.PodRunning), pod("demo", "echo-old", "echo", "retired", corev1.PodSucceeded),
+		pod("demo", "other-0", "other", "other", corev1.PodRunning)}
+	podsOf := func(ns string, sel labels.Selector) ([]*corev1.Pod, error) {
+		var out []*corev1.Pod
+		for _, p := range allPods {
+			if p.Namespace == ns && sel.Matches(labels.Set(p.Labels)) {
+				out = append(out, p)
+			}
+		}
+		return out, nil
 	}
 	services := map[string]*corev1.Service{"demo/echo": svc("demo", "echo"), "private/secret": svc("private", "secret")}
 	notFound := apierrors.NewNotFound(schema.GroupResource{Resource: "services"}, "x")
@@ -47,19 +65,24 @@ func TestKubeExportsRecompute(t *testing.T) {
 			if err == nil {
 				t.Fatal("config without clients accepted")
 			}
-			k = &KubeExports{cfg: KubeExportsConfig{Namespace: "istio-system", Log: slog.New(slog.DiscardHandler)}, changed: make(chan struct{}, 1)}
+			k = &KubeExports{cfg: KubeExportsConfig{Namespace: "istio-system", TrustDomain: "a.example", Log: slog.New(slog.DiscardHandler)}, changed: make(chan struct{}, 1)}
 			cm := func() (*corev1.ConfigMap, error) {
 				if c.policy == nil {
 					return nil, apierrors.NewNotFound(schema.GroupResource{Resource: "configmaps"}, ExportPolicyConfigMap)
 				}
 				return &corev1.ConfigMap{Data: map[string]string{"policy": *c.policy}}, nil
 			}
-			k.recompute(lookup, cm, func() ([]mesh.ServiceKey, error) { return exported, nil })
+			k.recompute(lookup, cm, func() ([]mesh.ServiceKey, error) { return exported, nil }, podsOf)
 			var got []string
 			for _, e := range k.Exports() {
 				got = append(got, e.Key.String()+"→["+strings.Join(meshStrings(e.Consumers), ",")+"]")
 				if len(e.Ports) != 1 || e.Ports[0].Protocol != mesh.ProtocolGRPC {
 					t.Errorf("ports %+v: want the TCP port only, as GRPC", e.Ports)
+				}
+				// The selected pods' service accounts (a pending pod with none runs as
+				// default; a finished pod and another service's pods are left out).
+				if got, want := identityStrings(e.Identities), []string{"spiffe://a.example/ns/demo/sa/default", "spiffe://a.example/ns/demo/sa/echo"}; !slices.Equal(got, want) {
+					t.Errorf("identities %v, want %v", got, want)
 				}
 			}
 			if !slices.Equal(got, c.want) {

@@ -18,6 +18,7 @@ import (
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
@@ -229,7 +230,7 @@ func buildService(svc *MergedService, key ViewKey, gateways map[mesh.NetworkID][
 				if key.Kind == ProxySidecar {
 					upstream = envoyUpstreamTLS
 				}
-				ts, err := upstream(out.SNI())
+				ts, err := upstream(out.SNI(), serverSANs(svc)...)
 				if err != nil {
 					return nil, err
 				}
@@ -546,13 +547,15 @@ func sidecarListener(port uint16, routeName string) (*listener.Listener, error) 
 // grpcUpstreamTLS is the mTLS transport socket of a proxyless gRPC cluster: identity and
 // roots from the bootstrap's certificate provider, and the SNI an east-west gateway routes
 // on (grpc-go sends it when GRPC_EXPERIMENTAL_XDS_SNI=true).
-func grpcUpstreamTLS(sni string) (*core.TransportSocket, error) {
+// sans, when given, are the server identities the client accepts (serverSANs).
+func grpcUpstreamTLS(sni string, sans ...*matcherv3.StringMatcher) (*core.TransportSocket, error) {
 	ctx := &tlsv3.UpstreamTlsContext{
 		Sni: sni,
 		CommonTlsContext: &tlsv3.CommonTlsContext{
 			TlsCertificateProviderInstance: &tlsv3.CertificateProviderPluginInstance{InstanceName: mesh.CertProviderInstance, CertificateName: mesh.SDSIdentitySecret},
 			ValidationContextType: &tlsv3.CommonTlsContext_ValidationContext{ValidationContext: &tlsv3.CertificateValidationContext{
 				CaCertificateProviderInstance: &tlsv3.CertificateProviderPluginInstance{InstanceName: mesh.CertProviderInstance, CertificateName: mesh.SDSRootSecret},
+				MatchSubjectAltNames:          sans, //nolint:staticcheck // grpc-go reads only this field
 			}},
 		},
 	}
@@ -570,7 +573,9 @@ const SDSCluster = "sds-grpc"
 // envoyUpstreamTLS is the mTLS transport socket of an Envoy sidecar's cluster: the
 // workload certificate ("default") and the roots ("ROOTCA") come over SDS from the
 // workload's agent and are rotated there, and the SNI lets east-west gateways route.
-func envoyUpstreamTLS(sni string) (*core.TransportSocket, error) {
+// sans, when given, are the server identities the client accepts (serverSANs), as URI
+// SANs.
+func envoyUpstreamTLS(sni string, sans ...*matcherv3.StringMatcher) (*core.TransportSocket, error) {
 	source := &core.ConfigSource{
 		ResourceApiVersion: core.ApiVersion_V3,
 		ConfigSourceSpecifier: &core.ConfigSource_ApiConfigSource{ApiConfigSource: &core.ApiConfigSource{
@@ -587,6 +592,12 @@ func envoyUpstreamTLS(sni string) (*core.TransportSocket, error) {
 			ValidationContextType: &tlsv3.CommonTlsContext_ValidationContextSdsSecretConfig{
 				ValidationContextSdsSecretConfig: &tlsv3.SdsSecretConfig{Name: mesh.SDSRootSecret, SdsConfig: source}},
 		},
+	}
+	if len(sans) > 0 {
+		ctx.CommonTlsContext.ValidationContextType = &tlsv3.CommonTlsContext_CombinedValidationContext{
+			CombinedValidationContext: &tlsv3.CommonTlsContext_CombinedCertificateValidationContext{
+				DefaultValidationContext:         &tlsv3.CertificateValidationContext{MatchTypedSubjectAltNames: uriSANs(sans)},
+				ValidationContextSdsSecretConfig: &tlsv3.SdsSecretConfig{Name: mesh.SDSRootSecret, SdsConfig: source}}}
 	}
 	a, err := anypb.New(ctx)
 	if err != nil {

@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	rbacv3 "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	"google.golang.org/protobuf/proto"
@@ -165,6 +166,32 @@ func (e FederationExports) denyPeers(deny *rbacv3.RBAC, key mesh.ServiceKey) *rb
 	}
 	if out == nil {
 		return deny
+	}
+	return out
+}
+
+// serverSANs returns the matchers a client applies to the server certificate's SANs for
+// svc: exactly one of svc.Identities when it lists any (an import: the exporting mesh's
+// service accounts), else any SPIFFE ID of svc.TrustDomain when set, else none (local
+// services: the chain to the mesh's roots alone).
+func serverSANs(svc *MergedService) []*matcherv3.StringMatcher {
+	var out []*matcherv3.StringMatcher
+	for _, id := range svc.Identities {
+		if !id.IsZero() {
+			out = append(out, &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Exact{Exact: id.String()}})
+		}
+	}
+	if len(out) == 0 && svc.TrustDomain != "" {
+		out = append(out, &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Prefix{Prefix: "spiffe://" + string(svc.TrustDomain) + "/"}})
+	}
+	return out
+}
+
+// uriSANs types matchers as URI SAN matchers (Envoy's match_typed_subject_alt_names).
+func uriSANs(ms []*matcherv3.StringMatcher) []*tlsv3.SubjectAltNameMatcher {
+	out := make([]*tlsv3.SubjectAltNameMatcher, 0, len(ms))
+	for _, m := range ms {
+		out = append(out, &tlsv3.SubjectAltNameMatcher{SanType: tlsv3.SubjectAltNameMatcher_URI, Matcher: m})
 	}
 	return out
 }

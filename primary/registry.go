@@ -36,6 +36,11 @@ type Service struct {
 	Key      mesh.ServiceKey
 	VIP      netip.Addr // the ClusterIP; invalid for headless services
 	Ports    []ServicePort
+	// Identities and TrustDomain, when set (imports from peer meshes), are what a
+	// client requires of the server's certificate: one of Identities, or with none any
+	// identity of TrustDomain (serverSANs). Zero for local services: the chain alone.
+	Identities  []mesh.Identity
+	TrustDomain mesh.TrustDomain
 }
 
 // Gateway is a network's east-west gateway address.
@@ -273,6 +278,9 @@ type MergedService struct {
 	Ports     []ServicePort
 	VIPs      map[mesh.ClusterID]netip.Addr
 	Endpoints []mesh.Endpoint // from every shard, sorted by cluster then address
+	// Identities and TrustDomain are the first defining shard's (Service).
+	Identities  []mesh.Identity
+	TrustDomain mesh.TrustDomain
 }
 
 // Service returns the merged service with hostname h, or nil.
@@ -338,7 +346,8 @@ func (r *Registry) mergeLocked(host mesh.Hostname, gen uint64, keys []ShardKey) 
 			continue
 		}
 		if m == nil {
-			m = &MergedService{Gen: gen, Hostname: host, Key: svc.Key, VIPs: map[mesh.ClusterID]netip.Addr{}}
+			m = &MergedService{Gen: gen, Hostname: host, Key: svc.Key, VIPs: map[mesh.ClusterID]netip.Addr{},
+				Identities: svc.Identities, TrustDomain: svc.TrustDomain}
 		}
 		if svc.VIP.IsValid() {
 			m.VIPs[k.Cluster] = svc.VIP

@@ -116,7 +116,7 @@ func (f *meshFederationFlags) build(ca *caServer, p *primary.Primary, td mesh.Tr
 	// and get the same imports and export set, and the same bundles when peers are trusted.
 	feed := federation.NewMeshFeed()
 	gw := &gatewaySet{id: id, reg: p.Registry(), feed: feed, kick: make(chan struct{}, 1)}
-	exports, err := federation.NewKubeExports(federation.KubeExportsConfig{Client: client, MCS: mcs, Namespace: namespace, Log: log.With("component", "federation-exports"),
+	exports, err := federation.NewKubeExports(federation.KubeExportsConfig{Client: client, MCS: mcs, Namespace: namespace, TrustDomain: td, Log: log.With("component", "federation-exports"),
 		OnChange: gw.setExports})
 	if err != nil {
 		return nil, err
@@ -370,7 +370,9 @@ func (r registryImports) ReplaceImports(peer mesh.MeshID, svcs []federation.Impo
 	data := &primary.ShardData{Services: map[mesh.Hostname]*primary.Service{}, Endpoints: map[mesh.Hostname][]mesh.Endpoint{}}
 	gws := map[netip.AddrPort]bool{}
 	for _, s := range svcs {
-		svc := &primary.Service{Hostname: s.Hostname, Key: s.Key}
+		// The client requires the exporter's service accounts (or, when it lists none,
+		// any identity of its trust domain) of the server behind the gateway.
+		svc := &primary.Service{Hostname: s.Hostname, Key: s.Key, Identities: slices.Clone(s.Identities), TrustDomain: s.TrustDomain}
 		var ports []mesh.Port
 		for _, p := range s.Ports {
 			svc.Ports = append(svc.Ports, primary.ServicePort{Name: p.Name, Port: p.Port, Protocol: p.Protocol})

@@ -41,7 +41,6 @@ type Engine struct {
 	cmd     *exec.Cmd
 	host    *hostState // the host before dockerd started, restored by Stop
 	wrapper string
-	unlock  func()
 	done    chan struct{}
 	log     string
 }
@@ -76,6 +75,10 @@ func Start(ctx context.Context, o Options) (*Engine, error) {
 		return &Engine{Host: "unix:///var/run/docker.sock"}, nil
 	}
 	host := "unix://" + filepath.Join(runRoot, "docker.sock")
+	if ping(ctx, host) == nil { // left by an earlier run of ours: reuse it
+		say("container engine: using the isthmus dockerd already running at " + host)
+		return &Engine{Host: host}, nil
+	}
 	if o.Dir == "" {
 		return nil, errors.New("engine: no Docker is running and no directory was given for one")
 	}
@@ -85,23 +88,7 @@ func Start(ctx context.Context, o Options) (*Engine, error) {
 	if err := ensureDocker(ctx, o.Install, say); err != nil {
 		return nil, err
 	}
-	// One isthmus dockerd per host: two would fight over the same iptables chains. The
-	// lock is held for the engine's life; the kernel drops it if the process dies.
-	unlock, err := lockEngine(ctx, say)
-	if err != nil {
-		return nil, err
-	}
-	if err := stopStale(host, say); err != nil {
-		unlock()
-		return nil, err
-	}
-	e, err := startDaemon(ctx, o, host, say)
-	if err != nil {
-		unlock()
-		return nil, err
-	}
-	e.unlock = unlock
-	return e, nil
+	return startDaemon(ctx, o, host, say)
 }
 
 // ensureDocker makes sure dockerd, containerd, runc and the docker CLI (which kind runs)
@@ -258,9 +245,6 @@ func (e *Engine) Stop() error {
 	e.cmd = nil
 	if e.wrapper != "" {
 		os.Remove(e.wrapper)
-	}
-	if e.unlock != nil {
-		defer e.unlock()
 	}
 	if e.host != nil {
 		if err := e.host.restore(); err != nil {

@@ -40,10 +40,6 @@ var packages = map[string]string{
 	APIServer:         "k8s.io/kubernetes/cmd/kube-apiserver",
 	ControllerManager: "k8s.io/kubernetes/cmd/kube-controller-manager",
 	Kubectl:           "k8s.io/kubernetes/cmd/kubectl",
-	Kubelet:           "k8s.io/kubernetes/cmd/kubelet",
-	Kubeadm:           "k8s.io/kubernetes/cmd/kubeadm",
-	KubeProxy:         "k8s.io/kubernetes/cmd/kube-proxy",
-	Scheduler:         "k8s.io/kubernetes/cmd/kube-scheduler",
 }
 
 // CacheKey names the cache subdirectory for the pinned versions.
@@ -208,7 +204,7 @@ func Ensure(ctx context.Context, o Options) (*Set, error) {
 	} else if len(missing) == 0 {
 		return set, nil
 	}
-	if err := build(ctx, o, bin, All); err != nil {
+	if err := build(ctx, o, bin); err != nil {
 		return nil, err
 	}
 	return Lookup(o)
@@ -252,7 +248,7 @@ func ldflags() string {
 
 // build compiles all binaries into a temporary directory beside bin and renames it into
 // place, so that a failed or interrupted build never leaves a partial cache.
-func build(ctx context.Context, o Options, bin string, names []string) error {
+func build(ctx context.Context, o Options, bin string) error {
 	tools := o.ToolsDir
 	if tools == "" {
 		wd, err := os.Getwd()
@@ -272,18 +268,18 @@ func build(ctx context.Context, o Options, bin string, names []string) error {
 	}
 	if _, err := exec.LookPath(gocmd); err != nil {
 		return fmt.Errorf("kubebin: building the Kubernetes binaries needs the Go toolchain (%q not found: %v); "+
-			"install Go 1.26, or set KUBEBUILDER_ASSETS to a directory holding %s", gocmd, err, strings.Join(names, ", "))
+			"install Go 1.26, or set KUBEBUILDER_ASSETS to a directory holding %s", gocmd, err, strings.Join(All, ", "))
 	}
 	progress := o.Progress
 	if progress == nil {
 		progress = io.Discard
 	}
-	pkgs := make([]string, 0, len(names))
-	for _, name := range names {
+	pkgs := make([]string, 0, len(All))
+	for _, name := range All {
 		pkgs = append(pkgs, packages[name])
 	}
 	total := countDeps(ctx, gocmd, tools, pkgs)
-	fmt.Fprintf(progress, "building %s from Kubernetes %s and etcd %s into %s\n", strings.Join(names, ", "), KubernetesVersion, EtcdVersion, bin)
+	fmt.Fprintf(progress, "building %s from Kubernetes %s and etcd %s into %s\n", strings.Join(All, ", "), KubernetesVersion, EtcdVersion, bin)
 	fmt.Fprintf(progress, "  this happens once per version: about 7 minutes and 3 GB of memory on 2 cores, then it is cached\n")
 
 	tmp, err := os.MkdirTemp(filepath.Dir(bin), "bin-building-")
@@ -340,7 +336,7 @@ func build(ctx context.Context, o Options, bin string, names []string) error {
 					"check that the Go module proxy is reachable (GOPROXY) and that the machine has ~3 GB of free memory",
 					tools, time.Since(start).Round(time.Second), err, tail.String())
 			}
-			if err := install(tmp, bin, names); err != nil {
+			if err := install(tmp, bin); err != nil {
 				return err
 			}
 			fmt.Fprintf(progress, "built %d packages in %s; binaries cached in %s\n", compiled.Load(), time.Since(start).Round(time.Second), bin)
@@ -362,8 +358,8 @@ func build(ctx context.Context, o Options, bin string, names []string) error {
 // It runs under the build lock. The rename is atomic (tmp is made beside bin, on the same
 // file system), so the new cache appears complete at once; while the old one is being
 // removed a lookup may find binaries missing, and Ensure then waits for the lock.
-func install(tmp, bin string, names []string) error {
-	for _, name := range names {
+func install(tmp, bin string) error {
+	for _, name := range All {
 		if _, err := os.Stat(filepath.Join(tmp, name)); err != nil {
 			return fmt.Errorf("kubebin: go build succeeded but produced no %s: %w", name, err)
 		}
@@ -422,61 +418,3 @@ func (t *tail) add(line string) {
 }
 
 func (t *tail) String() string { return strings.Join(t.lines, "\n") }
-
-// Names of the binaries a kind node runs beside All (internal/nodeimage puts them in its
-// node and component images).
-const (
-	Kubelet   = "kubelet"
-	Kubeadm   = "kubeadm"
-	KubeProxy = "kube-proxy"
-	Scheduler = "kube-scheduler"
-)
-
-// NodeAll lists the binaries EnsureNode provides.
-var NodeAll = []string{Kubelet, Kubeadm, KubeProxy, Scheduler}
-
-// NodeCacheKey names the cache subdirectory of the node binaries. They are cached apart
-// from All so that adding them never invalidates (or slows) the API servers' cache, and
-// they are built only by those who start kind clusters.
-func NodeCacheKey() string { return "k8s-node-" + KubernetesVersion }
-
-// EnsureNode returns the directory holding NodeAll, building them into the cache first
-// when any is missing (one go build, under the same kind of lock as Ensure).
-func EnsureNode(ctx context.Context, o Options) (string, error) {
-	_, err := o.BinDir()
-	if err != nil {
-		return "", err
-	}
-	root := o.CacheDir
-	if root == "" {
-		ucd, _ := os.UserCacheDir()
-		root = filepath.Join(ucd, "isthmus", "k8s")
-	}
-	bin := filepath.Join(root, NodeCacheKey(), "bin")
-	complete := func() bool {
-		for _, n := range NodeAll {
-			if st, err := os.Stat(filepath.Join(bin, n)); err != nil || st.Mode()&0o111 == 0 {
-				return false
-			}
-		}
-		return true
-	}
-	if complete() {
-		return bin, nil
-	}
-	if err := os.MkdirAll(filepath.Dir(bin), 0o755); err != nil {
-		return "", fmt.Errorf("kubebin: create cache: %w", err)
-	}
-	unlock, err := buildlock.Acquire(ctx, filepath.Join(filepath.Dir(bin), ".build.lock"), "the Kubernetes node binaries", o.Progress)
-	if err != nil {
-		return "", fmt.Errorf("kubebin: %w", err)
-	}
-	defer unlock()
-	if complete() {
-		return bin, nil
-	}
-	if err := build(ctx, o, bin, NodeAll); err != nil {
-		return "", err
-	}
-	return bin, nil
-}

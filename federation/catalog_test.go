@@ -13,8 +13,8 @@ import (
 func testCatalog() *Catalog {
 	return &Catalog{Mesh: "mesh-a", TrustDomain: "a.example", Sequence: 3, Services: []ExportedService{{
 		Namespace: "demo", Name: "echo",
-		Ports:     []CatalogPort{{Name: "grpc", Port: 8080, Protocol: mesh.ProtocolGRPC}},
-		Gateways:  []string{"10.1.0.1:15443"},
+		Ports:      []CatalogPort{{Name: "grpc", Port: 8080, Protocol: mesh.ProtocolGRPC}},
+		Gateways:   []string{"10.1.0.1:15443"},
 		Consumers:  []mesh.MeshID{"mesh-b"},
 		Identities: []string{"spiffe://a.example/ns/demo/sa/echo"},
 	}}}
@@ -44,7 +44,9 @@ func TestCatalogChecks(t *testing.T) {
 		{"no identities", edit(func(c *Catalog) { c.Services[0].Identities = nil }), peer, 0, ""},
 		{"identity not SPIFFE", edit(func(c *Catalog) { c.Services[0].Identities = []string{"echo"} }), peer, 0, ReasonInvalid},
 		{"identity of another shape", edit(func(c *Catalog) { c.Services[0].Identities = []string{"spiffe://a.example/echo"} }), peer, 0, ReasonInvalid},
-		{"identity twice", edit(func(c *Catalog) { c.Services[0].Identities = append(c.Services[0].Identities, c.Services[0].Identities[0]) }), peer, 0, ReasonInvalid},
+		{"identity twice", edit(func(c *Catalog) {
+			c.Services[0].Identities = append(c.Services[0].Identities, c.Services[0].Identities[0])
+		}), peer, 0, ReasonInvalid},
 		{"identity not canonical", edit(func(c *Catalog) { c.Services[0].Identities = []string{"spiffe://A.example/ns/demo/sa/echo"} }), peer, 0, ReasonInvalid},
 	}
 	for _, c := range cases {

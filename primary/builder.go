@@ -251,7 +251,7 @@ func buildService(svc *MergedService, key ViewKey, gateways map[mesh.NetworkID][
 			}
 		}
 		name := mesh.OutboundName{Port: p.Port, Host: svc.Hostname}.ClusterName()
-		routes := hp.routesForKind(p.Port, key.Kind)
+		routes := hp.routesFor(p.Port)
 		if routes == nil {
 			routes = defaultRoutes(name, subsets[0].policy(p.Port).routeHash())
 		}

@@ -10,10 +10,8 @@ import (
 	"strings"
 
 	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
-	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
-	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 	apinet "istio.io/api/networking/v1"
 	networkingv1 "istio.io/client-go/pkg/apis/networking/v1"
@@ -89,9 +87,6 @@ type hostPlan struct {
 	base    subsetPlan                // the host itself: the DestinationRule's policy per port
 	subsets []subsetPlan              // from the DestinationRule, sorted by name
 	routes  map[uint16][]*route.Route // by the host's port, from the VirtualService
-	// grpcRoutes are routes as proxyless clients get them (proxylessRoutes): without
-	// query-parameter routes, mirrors, rewrites and header changes, which grpc-go ignores.
-	grpcRoutes map[uint16][]*route.Route
 }
 
 // subsetPlan is one DestinationRule subset (or, unnamed, the host itself).
@@ -317,7 +312,6 @@ func planTraffic1(v *View, scope *planScope, root string) *trafficPlan {
 			vsOwner[h] = e
 			hp := host(h)
 			hp.routes = routes[h]
-			hp.grpcRoutes = proxylessRoutes(routes[h])
 			hp.key += "vs:" + vs.Namespace + "/" + vs.Name + "@" + vs.ResourceVersion + ";" + keys + ";"
 		}
 		st.Applied, st.Warnings = true, warn
@@ -429,28 +423,11 @@ func planVirtualService(v *View, domain string, vs *networkingv1.VirtualService,
 				if hr.GetName() != "" {
 					field += " (" + hr.GetName() + ")"
 				}
-				var action *route.Route_Route
-				var redirect *route.Route_Redirect
-				var w []string
-				var err *configError
-				if hr.GetRedirect() != nil {
-					redirect, err = redirectAction(field, hr)
-				} else {
-					action, w, err = routeAction(v, domain, vs.Namespace, field, hr, port.Port, hosts, keys)
-				}
+				action, w, err := routeAction(v, domain, vs.Namespace, field, hr, port.Port, hosts, keys)
 				if err != nil {
 					return nil, "", nil, err
 				}
 				warn = append(warn, w...)
-				warn = append(warn, proxylessWarnings(field, hr)...)
-				ops, err := headerOps(field+".headers", hr.GetHeaders())
-				if err != nil {
-					return nil, "", nil, err
-				}
-				if len(hr.GetRoute()) == 1 { // Istio: a single destination's headers apply to the route
-					dops, _ := headerOps(field+".route[0].headers", hr.GetRoute()[0].GetHeaders())
-					ops = ops.merge(dops)
-				}
 				fault, err := routeFault(field, hr.GetFault())
 				if err != nil {
 					return nil, "", nil, err
@@ -464,15 +441,7 @@ func planVirtualService(v *View, domain string, vs *networkingv1.VirtualService,
 					if err != nil {
 						return nil, "", nil, err
 					}
-					rt := &route.Route{Name: hr.GetName(), Match: rm, TypedPerFilterConfig: fault,
-						RequestHeadersToAdd: ops.reqAdd, RequestHeadersToRemove: ops.reqRemove,
-						ResponseHeadersToAdd: ops.respAdd, ResponseHeadersToRemove: ops.respRemove}
-					if redirect != nil {
-						rt.Action = redirect
-					} else {
-						rt.Action = action
-					}
-					routes = append(routes, rt)
+					routes = append(routes, &route.Route{Name: hr.GetName(), Match: rm, Action: action, TypedPerFilterConfig: fault})
 				}
 			}
 			out[svc.Hostname][port.Port] = routes
@@ -487,10 +456,10 @@ func planVirtualService(v *View, domain string, vs *networkingv1.VirtualService,
 // user asked for).
 func routeMatch(field string, m *apinet.HTTPMatchRequest) (*route.RouteMatch, *configError) {
 	switch {
-	case m.GetScheme() != nil, m.GetMethod() != nil, m.GetAuthority() != nil,
+	case m.GetScheme() != nil, m.GetMethod() != nil, m.GetAuthority() != nil, len(m.GetQueryParams()) > 0,
 		len(m.GetWithoutHeaders()) > 0, m.GetPort() != 0, len(m.GetSourceLabels()) > 0, len(m.GetGateways()) > 0,
 		m.GetSourceNamespace() != "", m.GetIgnoreUriCase():
-		return nil, rejectConfig(ReasonUnsupported, "%s: only uri, headers and queryParams matches are supported yet", field)
+		return nil, rejectConfig(ReasonUnsupported, "%s: only uri and headers matches are supported yet", field)
 	}
 	rm := &route.RouteMatch{PathSpecifier: &route.RouteMatch_Prefix{Prefix: "/"}}
 	if u := m.GetUri(); u != nil {
@@ -532,41 +501,7 @@ func routeMatch(field string, m *apinet.HTTPMatchRequest) (*route.RouteMatch, *c
 		}
 		rm.Headers = append(rm.Headers, &route.HeaderMatcher{Name: name, HeaderMatchSpecifier: &route.HeaderMatcher_StringMatch{StringMatch: s}})
 	}
-	for _, name := range slices.Sorted(maps.Keys(m.GetQueryParams())) {
-		qf := fmt.Sprintf("%s.queryParams[%s]", field, name)
-		if name == "" || strings.ContainsAny(name, "&=#? \t\r\n") {
-			return nil, rejectConfig(ReasonInvalid, "%s: not a query parameter name", qf)
-		}
-		s, present, err := stringMatcher(qf, m.GetQueryParams()[name])
-		if err != nil {
-			return nil, err
-		}
-		qm := &route.QueryParameterMatcher{Name: name}
-		if present {
-			qm.QueryParameterMatchSpecifier = &route.QueryParameterMatcher_PresentMatch{PresentMatch: true}
-		} else {
-			qm.QueryParameterMatchSpecifier = &route.QueryParameterMatcher_StringMatch{StringMatch: s}
-		}
-		rm.QueryParameters = append(rm.QueryParameters, qm)
-	}
 	return rm, nil
-}
-
-// stringMatcher translates an Istio StringMatch; present is true for an empty one (Istio:
-// "the parameter or header is present").
-func stringMatcher(field string, sm *apinet.StringMatch) (*matcherv3.StringMatcher, bool, *configError) {
-	switch x := sm.GetMatchType().(type) {
-	case *apinet.StringMatch_Exact:
-		return &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Exact{Exact: x.Exact}}, false, nil
-	case *apinet.StringMatch_Prefix:
-		return &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Prefix{Prefix: x.Prefix}}, false, nil
-	case *apinet.StringMatch_Regex:
-		if _, err := regexp.Compile(x.Regex); err != nil {
-			return nil, false, rejectConfig(ReasonBadRegex, "%s.regex %q: %v", field, x.Regex, err)
-		}
-		return &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_SafeRegex{SafeRegex: &matcherv3.RegexMatcher{Regex: x.Regex}}}, false, nil
-	}
-	return nil, true, nil
 }
 
 // routeAction translates an HTTPRoute's destinations for a request that arrived on port
@@ -574,8 +509,9 @@ func stringMatcher(field string, sm *apinet.StringMatch) (*matcherv3.StringMatch
 // weights must sum to 100 (destinations of weight 0 get no traffic and are left out).
 func routeAction(v *View, domain, ns, field string, hr *apinet.HTTPRoute, listenPort uint16, hosts map[mesh.Hostname]*hostPlan, keys map[string]bool) (*route.Route_Route, []string, *configError) {
 	switch {
-	case hr.GetDirectResponse() != nil, hr.GetDelegate() != nil, hr.GetCorsPolicy() != nil:
-		return nil, nil, rejectConfig(ReasonUnsupported, "%s: directResponse, delegate and corsPolicy are not supported yet", field)
+	case hr.GetRedirect() != nil, hr.GetDirectResponse() != nil, hr.GetDelegate() != nil, hr.GetRewrite() != nil,
+		hr.GetMirror() != nil, len(hr.GetMirrors()) > 0, hr.GetHeaders() != nil, hr.GetCorsPolicy() != nil:
+		return nil, nil, rejectConfig(ReasonUnsupported, "%s: only match and route are supported yet (not redirect, directResponse, delegate, rewrite, mirror, headers, corsPolicy)", field)
 	}
 	dests := hr.GetRoute()
 	if len(dests) == 0 {
@@ -596,9 +532,8 @@ func routeAction(v *View, domain, ns, field string, hr *apinet.HTTPRoute, listen
 		if d.GetWeight() < 0 {
 			return nil, nil, rejectConfig(ReasonBadWeights, "%s.route[%d].weight %d is negative", field, i, d.GetWeight())
 		}
-		ops, err := headerOps(fmt.Sprintf("%s.route[%d].headers", field, i), d.GetHeaders())
-		if err != nil {
-			return nil, nil, err
+		if d.GetHeaders() != nil {
+			return nil, nil, rejectConfig(ReasonUnsupported, "%s.route[%d].headers is not supported yet", field, i)
 		}
 		sum += d.GetWeight()
 		if len(dests) == 1 {
@@ -608,16 +543,10 @@ func routeAction(v *View, domain, ns, field string, hr *apinet.HTTPRoute, listen
 			if err != nil {
 				return nil, nil, err
 			}
-			if err := rewriteAndMirror(v, domain, ns, field, hr, listenPort, hosts, keys, ra); err != nil {
-				return nil, nil, err
-			}
 			return &route.Route_Route{Route: ra}, warn, nil
 		}
 		if d.GetWeight() > 0 {
-			cw := &route.WeightedCluster_ClusterWeight{Name: name, Weight: wrapperspb.UInt32(uint32(d.GetWeight()))}
-			cw.RequestHeadersToAdd, cw.RequestHeadersToRemove = ops.reqAdd, ops.reqRemove
-			cw.ResponseHeadersToAdd, cw.ResponseHeadersToRemove = ops.respAdd, ops.respRemove
-			weighted = append(weighted, cw)
+			weighted = append(weighted, &route.WeightedCluster_ClusterWeight{Name: name, Weight: wrapperspb.UInt32(uint32(d.GetWeight()))})
 		}
 	}
 	if sum != 100 {
@@ -629,9 +558,6 @@ func routeAction(v *View, domain, ns, field string, hr *apinet.HTTPRoute, listen
 	addHash(ra, hash)
 	warn, err := timeoutAndRetries(field, hr, ra)
 	if err != nil {
-		return nil, nil, err
-	}
-	if err := rewriteAndMirror(v, domain, ns, field, hr, listenPort, hosts, keys, ra); err != nil {
 		return nil, nil, err
 	}
 	return &route.Route_Route{Route: ra}, warn, nil
@@ -723,15 +649,6 @@ func (hp *hostPlan) drKeyOrEmpty() string {
 	return hp.drKey
 }
 
-// routesForKind returns the VirtualService routes of one port as a proxy kind gets
-// them (proxyless clients: proxylessRoutes), or nil for the default route.
-func (hp *hostPlan) routesForKind(port uint16, kind ProxyKind) []*route.Route {
-	if kind == ProxyGRPC && hp != nil && hp.grpcRoutes != nil {
-		return hp.grpcRoutes[port]
-	}
-	return hp.routesFor(port)
-}
-
 // routesFor returns the VirtualService routes of one port, or nil for the default route.
 func (hp *hostPlan) routesFor(port uint16) []*route.Route {
 	if hp == nil || hp.routes == nil {
@@ -752,257 +669,4 @@ func (b *Builder) trafficPlansFor(v *View) *trafficPlans {
 		b.plans, b.planVersion = planTrafficSet(v), v.Version
 	}
 	return b.plans
-}
-
-// redirectAction translates an HTTPRoute's redirect (Envoy's redirect action). A redirect
-// route sends the client elsewhere, so it cannot also route, rewrite or mirror.
-// grpc-go treats a redirect route as an unsupported action and fails the calls it matches
-// (Unavailable), so proxyless clients get it as written: no call reaches any cluster.
-func redirectAction(field string, hr *apinet.HTTPRoute) (*route.Route_Redirect, *configError) {
-	rd := hr.GetRedirect()
-	if len(hr.GetRoute()) > 0 || hr.GetRewrite() != nil || hr.GetMirror() != nil || len(hr.GetMirrors()) > 0 {
-		return nil, rejectConfig(ReasonInvalid, "%s.redirect: route, rewrite and mirror cannot be set together with a redirect", field)
-	}
-	ra := &route.RedirectAction{}
-	if u := rd.GetUri(); u != "" {
-		if !strings.HasPrefix(u, "/") || strings.ContainsAny(u, "\r\n\x00 ") {
-			return nil, rejectConfig(ReasonInvalid, "%s.redirect.uri %q: want a path starting with /", field, u)
-		}
-		ra.PathRewriteSpecifier = &route.RedirectAction_PathRedirect{PathRedirect: u}
-	}
-	if a := rd.GetAuthority(); a != "" {
-		if strings.ContainsAny(a, "/\r\n\x00 ") {
-			return nil, rejectConfig(ReasonInvalid, "%s.redirect.authority %q: not a host", field, a)
-		}
-		ra.HostRedirect = a
-	}
-	switch x := rd.GetRedirectPort().(type) {
-	case *apinet.HTTPRedirect_Port:
-		if x.Port == 0 || x.Port > 65535 {
-			return nil, rejectConfig(ReasonInvalid, "%s.redirect.port %d: want 1-65535", field, x.Port)
-		}
-		ra.PortRedirect = x.Port
-	case *apinet.HTTPRedirect_DerivePort:
-		return nil, rejectConfig(ReasonUnsupported, "%s.redirect.derivePort is not supported yet", field)
-	}
-	switch sch := rd.GetScheme(); sch {
-	case "":
-	case "http", "https":
-		ra.SchemeRewriteSpecifier = &route.RedirectAction_SchemeRedirect{SchemeRedirect: sch}
-	default:
-		return nil, rejectConfig(ReasonInvalid, "%s.redirect.scheme %q: want http or https", field, sch)
-	}
-	switch c := rd.GetRedirectCode(); c {
-	case 0, 301:
-		ra.ResponseCode = route.RedirectAction_MOVED_PERMANENTLY
-	case 302:
-		ra.ResponseCode = route.RedirectAction_FOUND
-	case 303:
-		ra.ResponseCode = route.RedirectAction_SEE_OTHER
-	case 307:
-		ra.ResponseCode = route.RedirectAction_TEMPORARY_REDIRECT
-	case 308:
-		ra.ResponseCode = route.RedirectAction_PERMANENT_REDIRECT
-	default:
-		return nil, rejectConfig(ReasonInvalid, "%s.redirect.redirectCode %d: want 301, 302, 303, 307 or 308", field, c)
-	}
-	return &route.Route_Redirect{Redirect: ra}, nil
-}
-
-// rewriteAndMirror adds an HTTPRoute's rewrite (uri prefix or regex, authority) and
-// mirrors (mirror + mirrorPercentage, or mirrors[]) to a route action. Mirrors go to
-// resolved destinations like the route's own (a mirror is a copy: the main route's
-// traffic is unchanged).
-func rewriteAndMirror(v *View, domain, ns, field string, hr *apinet.HTTPRoute, listenPort uint16, hosts map[mesh.Hostname]*hostPlan, keys map[string]bool, ra *route.RouteAction) *configError {
-	if rw := hr.GetRewrite(); rw != nil {
-		if rw.GetUri() != "" && rw.GetUriRegexRewrite() != nil {
-			return rejectConfig(ReasonInvalid, "%s.rewrite: uri and uriRegexRewrite cannot both be set", field)
-		}
-		if u := rw.GetUri(); u != "" {
-			if strings.ContainsAny(u, "\r\n\x00 ") {
-				return rejectConfig(ReasonInvalid, "%s.rewrite.uri %q: not a path", field, u)
-			}
-			ra.PrefixRewrite = u
-		}
-		if rr := rw.GetUriRegexRewrite(); rr != nil {
-			if rr.GetMatch() == "" {
-				return rejectConfig(ReasonInvalid, "%s.rewrite.uriRegexRewrite.match: required", field)
-			}
-			if _, err := regexp.Compile(rr.GetMatch()); err != nil {
-				return rejectConfig(ReasonBadRegex, "%s.rewrite.uriRegexRewrite.match %q: %v", field, rr.GetMatch(), err)
-			}
-			ra.RegexRewrite = &matcherv3.RegexMatchAndSubstitute{Pattern: &matcherv3.RegexMatcher{Regex: rr.GetMatch()}, Substitution: rr.GetRewrite()}
-		}
-		if a := rw.GetAuthority(); a != "" {
-			if strings.ContainsAny(a, "/\r\n\x00 ") {
-				return rejectConfig(ReasonInvalid, "%s.rewrite.authority %q: not a host", field, a)
-			}
-			ra.HostRewriteSpecifier = &route.RouteAction_HostRewriteLiteral{HostRewriteLiteral: a}
-		}
-	}
-	type mirror struct {
-		field string
-		dest  *apinet.Destination
-		pct   *apinet.Percent
-	}
-	var mirrors []mirror
-	if m := hr.GetMirror(); m != nil {
-		if len(hr.GetMirrors()) > 0 {
-			return rejectConfig(ReasonInvalid, "%s: mirror and mirrors cannot both be set", field)
-		}
-		pct := hr.GetMirrorPercentage()
-		if pct == nil && hr.GetMirrorPercent() != nil { // the deprecated integer form
-			pct = &apinet.Percent{Value: float64(hr.GetMirrorPercent().GetValue())}
-		}
-		mirrors = append(mirrors, mirror{field + ".mirror", m, pct})
-	} else if hr.GetMirrorPercentage() != nil || hr.GetMirrorPercent() != nil {
-		return rejectConfig(ReasonInvalid, "%s.mirrorPercentage: set without mirror", field)
-	}
-	for i, m := range hr.GetMirrors() {
-		mirrors = append(mirrors, mirror{fmt.Sprintf("%s.mirrors[%d]", field, i), m.GetDestination(), m.GetPercentage()})
-	}
-	for _, m := range mirrors {
-		name, _, err := destinationCluster(v, domain, ns, m.field, m.dest, listenPort, hosts, keys)
-		if err != nil {
-			return err
-		}
-		pct, err := faultPercent(m.field, m.pct, 0)
-		if err != nil {
-			return err
-		}
-		ra.RequestMirrorPolicies = append(ra.RequestMirrorPolicies, &route.RouteAction_RequestMirrorPolicy{
-			Cluster: name, RuntimeFraction: &core.RuntimeFractionalPercent{DefaultValue: pct}})
-	}
-	return nil
-}
-
-// headerChanges are the header operations of a route or destination, in Envoy's form.
-type headerChanges struct {
-	reqAdd, respAdd       []*core.HeaderValueOption
-	reqRemove, respRemove []string
-}
-
-// merge appends o's operations after h's.
-func (h headerChanges) merge(o headerChanges) headerChanges {
-	return headerChanges{
-		reqAdd: slices.Concat(h.reqAdd, o.reqAdd), respAdd: slices.Concat(h.respAdd, o.respAdd),
-		reqRemove: slices.Concat(h.reqRemove, o.reqRemove), respRemove: slices.Concat(h.respRemove, o.respRemove),
-	}
-}
-
-// headerOps translates Istio's headers (request/response set, add, remove): set
-// overwrites, add appends. Names must be header names, not pseudo-headers or Host (Envoy
-// refuses to change those); values may not hold line breaks, and a '%' is written as
-// Envoy's literal '%%' (Envoy reads %...% as a formatter command).
-func headerOps(field string, hs *apinet.Headers) (headerChanges, *configError) {
-	var out headerChanges
-	one := func(f string, ops *apinet.Headers_HeaderOperations) ([]*core.HeaderValueOption, []string, *configError) {
-		var add []*core.HeaderValueOption
-		for _, part := range []struct {
-			name   string
-			m      map[string]string
-			action core.HeaderValueOption_HeaderAppendAction
-		}{{"set", ops.GetSet(), core.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD}, {"add", ops.GetAdd(), core.HeaderValueOption_APPEND_IF_EXISTS_OR_ADD}} {
-			for _, k := range slices.Sorted(maps.Keys(part.m)) {
-				if err := headerName(fmt.Sprintf("%s.%s[%s]", f, part.name, k), k); err != nil {
-					return nil, nil, err
-				}
-				val := part.m[k]
-				if strings.ContainsAny(val, "\r\n\x00") {
-					return nil, nil, rejectConfig(ReasonInvalid, "%s.%s[%s]: the value holds a line break or NUL", f, part.name, k)
-				}
-				add = append(add, &core.HeaderValueOption{Header: &core.HeaderValue{Key: strings.ToLower(k), Value: strings.ReplaceAll(val, "%", "%%")}, AppendAction: part.action})
-			}
-		}
-		var remove []string
-		for i, k := range ops.GetRemove() {
-			if err := headerName(fmt.Sprintf("%s.remove[%d]", f, i), k); err != nil {
-				return nil, nil, err
-			}
-			remove = append(remove, strings.ToLower(k))
-		}
-		return add, remove, nil
-	}
-	var err *configError
-	if out.reqAdd, out.reqRemove, err = one(field+".request", hs.GetRequest()); err != nil {
-		return headerChanges{}, err
-	}
-	if out.respAdd, out.respRemove, err = one(field+".response", hs.GetResponse()); err != nil {
-		return headerChanges{}, err
-	}
-	return out, nil
-}
-
-// headerName refuses what is not a header name Envoy lets routes change.
-func headerName(field, k string) *configError {
-	if errs := validation.IsHTTPHeaderName(k); len(errs) > 0 || strings.HasPrefix(k, ":") || strings.EqualFold(k, "host") {
-		return rejectConfig(ReasonInvalid, "%s: not a header name a route may change", field)
-	}
-	return nil
-}
-
-// proxylessWarnings say which of an HTTPRoute's fields grpc-go does not act on (its
-// xDS client, internal/xds/xdsclient/xdsresource/unmarshal_rds.go at the version in
-// go.mod, ignores routes with query-parameter matchers and reads no mirror, rewrite or
-// header-mutation fields): proxyless clients get the route without them
-// (proxylessRoutes).
-func proxylessWarnings(field string, hr *apinet.HTTPRoute) []string {
-	var w []string
-	if slices.ContainsFunc(hr.GetMatch(), func(m *apinet.HTTPMatchRequest) bool { return len(m.GetQueryParams()) > 0 }) {
-		w = append(w, field+": proxyless gRPC clients get no route for a match with queryParams (gRPC calls carry no query; grpc-go ignores such routes)")
-	}
-	if hr.GetMirror() != nil || len(hr.GetMirrors()) > 0 {
-		w = append(w, field+": proxyless gRPC clients do not mirror (grpc-go has no request mirroring); the route is served without it")
-	}
-	if hr.GetRewrite() != nil {
-		w = append(w, field+".rewrite: proxyless gRPC clients do not rewrite (grpc-go ignores it); the route is served to the same destinations without it")
-	}
-	if hr.GetHeaders() != nil || slices.ContainsFunc(hr.GetRoute(), func(d *apinet.HTTPRouteDestination) bool { return d.GetHeaders() != nil }) {
-		w = append(w, field+": proxyless gRPC clients do not change headers (grpc-go ignores header operations)")
-	}
-	if hr.GetRedirect() != nil {
-		w = append(w, field+".redirect: proxyless gRPC clients fail the calls this route matches (grpc-go cannot follow redirects)")
-	}
-	return w
-}
-
-// proxylessRoutes returns routes as proxyless clients get them: a route with
-// query-parameter matchers is left out (gRPC requests have no query, and grpc-go ignores
-// such routes itself), and mirrors, rewrites and header operations, which grpc-go does
-// not implement, are removed, so the proxyless xDS says what the client does. Neither
-// change sends a route more traffic than the user asked. Routes are cloned, never changed
-// in place (plans share them).
-func proxylessRoutes(rs map[uint16][]*route.Route) map[uint16][]*route.Route {
-	if rs == nil {
-		return nil
-	}
-	out := make(map[uint16][]*route.Route, len(rs))
-	for port, list := range rs {
-		kept := make([]*route.Route, 0, len(list))
-		for _, r := range list {
-			if len(r.GetMatch().GetQueryParameters()) > 0 {
-				continue
-			}
-			a := r.GetRoute()
-			strip := len(r.RequestHeadersToAdd)+len(r.RequestHeadersToRemove)+len(r.ResponseHeadersToAdd)+len(r.ResponseHeadersToRemove) > 0 ||
-				len(a.GetRequestMirrorPolicies()) > 0 || a.GetPrefixRewrite() != "" || a.GetRegexRewrite() != nil || a.GetHostRewriteSpecifier() != nil ||
-				slices.ContainsFunc(a.GetWeightedClusters().GetClusters(), func(c *route.WeightedCluster_ClusterWeight) bool {
-					return len(c.RequestHeadersToAdd)+len(c.RequestHeadersToRemove)+len(c.ResponseHeadersToAdd)+len(c.ResponseHeadersToRemove) > 0
-				})
-			if strip {
-				c := proto.Clone(r).(*route.Route)
-				c.RequestHeadersToAdd, c.RequestHeadersToRemove, c.ResponseHeadersToAdd, c.ResponseHeadersToRemove = nil, nil, nil, nil
-				if ca := c.GetRoute(); ca != nil {
-					ca.RequestMirrorPolicies, ca.PrefixRewrite, ca.RegexRewrite, ca.HostRewriteSpecifier = nil, "", nil, nil
-					for _, cw := range ca.GetWeightedClusters().GetClusters() {
-						cw.RequestHeadersToAdd, cw.RequestHeadersToRemove, cw.ResponseHeadersToAdd, cw.ResponseHeadersToRemove = nil, nil, nil, nil
-					}
-				}
-				r = c
-			}
-			kept = append(kept, r)
-		}
-		out[port] = kept
-	}
-	return out
 }

@@ -278,7 +278,7 @@ func TestTrafficBadConfig(t *testing.T) {
 		{"negative retry attempts", vs("bad", "  - retries: {attempts: -1}\n    route:\n    - destination: {host: ratings, port: {number: 9080}}\n"), "", ReasonInvalid, "attempts -1"},
 		{"unknown gRPC status in a fault", vs("bad", "  - fault: {abort: {grpcStatus: SOMETIMES}}\n    route:\n    - destination: {host: ratings, port: {number: 9080}}\n"), "", ReasonInvalid, `grpcStatus "SOMETIMES"`},
 		{"fault percentage over 100", vs("bad", "  - fault: {abort: {httpStatus: 503, percentage: {value: 150}}}\n    route:\n    - destination: {host: ratings, port: {number: 9080}}\n"), "", ReasonInvalid, "percentage 150"},
-		{"unsupported match", vs("bad", "  - match:\n    - method: {exact: GET}\n    route:\n    - destination: {host: ratings, port: {number: 9080}}\n"), "", ReasonUnsupported, "only uri, headers and queryParams"},
+		{"unsupported match", vs("bad", "  - match:\n    - method: {exact: GET}\n    route:\n    - destination: {host: ratings, port: {number: 9080}}\n"), "", ReasonUnsupported, "only uri and headers"},
 		{"second VS for a host", vs("zz-second", good), "", ReasonConflict, "already routed by VirtualService bookinfo/ratings"},
 		{"DR for an unknown host", "", "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: bad, namespace: bookinfo}\nspec:\n  host: details\n", ReasonUnknownHost, "details.bookinfo.svc.cluster.local"},
 		{"DR with PASSTHROUGH", "", "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: bad, namespace: bookinfo}\nspec:\n  host: ratings\n  trafficPolicy: {loadBalancer: {simple: PASSTHROUGH}}\n", ReasonUnsupported, "PASSTHROUGH"},
